@@ -1,0 +1,349 @@
+"""Efficient attention variants against independent references.
+
+Dense-mask equivalents of every sparse pattern are built here with plain numpy
+loops from the papers' definitions; the exact forward reference is the float64
+loop implementation in `reference.py`; gradients are compared with the dense
+`xla` kernel under the same mask. Shapes are small and lengths are not multiples
+of the block/chunk, so internal padding is exercised everywhere.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import reference
+from transformer_jax.attention import AttentionConfig, MultiHeadAttention, functional, registry
+from transformer_jax.attention.variants import (linear_attention_init_state,
+                                                linear_attention_recurrent_step)
+from transformer_jax.attention.variants.bigbird import bigbird_attention, random_blocks
+from transformer_jax.attention.variants.chunked import chunked_attention
+from transformer_jax.attention.variants.linear import linear_attention
+from transformer_jax.attention.variants.local import local_attention
+from transformer_jax.attention.variants.longformer import longformer_attention
+from transformer_jax.attention.variants.performer import (orthogonal_random_features,
+                                                          performer_attention)
+from transformer_jax.models import BertForPreTraining, GPT, get_config
+
+B, N, H, KV, D = 2, 37, 4, 2, 8  # N = 37 is a multiple of no block or chunk used below
+VALID_LEN = np.array([N, 29])    # second sequence padded
+
+
+def _qkv(seed=0, n=N, scale=1.0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = scale * jax.random.normal(ks[0], (B, n, H, D))
+    k = scale * jax.random.normal(ks[1], (B, n, KV, D))
+    v = jax.random.normal(ks[2], (B, n, KV, D))
+    return q, k, v
+
+
+def _key_mask(n=N):
+    return (np.arange(n)[None, :] < VALID_LEN[:, None])[:, None, None, :]  # [B, 1, 1, n]
+
+
+# --- dense equivalents, by the papers' definitions --------------------------------------
+
+def local_dense(n, w, causal):
+    m = np.zeros((n, n), bool)
+    for i in range(n):
+        for j in range(n):
+            m[i, j] = (0 <= i - j <= w) if causal else abs(i - j) <= w
+    return m
+
+
+def longformer_dense(n, w, is_global, causal):
+    """is_global [B, n] -> [B, 1, n, n]: window, or either end global (Beltagy et al. 2020)."""
+    m = np.zeros((len(is_global), 1, n, n), bool)
+    for b, g in enumerate(is_global):
+        for i in range(n):
+            for j in range(n):
+                ok = abs(i - j) <= w or g[i] or g[j]
+                m[b, 0, i, j] = ok and (j <= i or not causal)
+    return m
+
+
+def bigbird_dense(n, block, num_global, rand, causal):
+    """rand [H, nb, r] (-1 = none) -> [H, n, n]. ITC globals: first ceil(g/2), last floor(g/2) blocks."""
+    nb = -(-n // block)
+    glob = set(range((num_global + 1) // 2)) | set(range(nb - num_global // 2, nb))
+    m = np.zeros((rand.shape[0], n, n), bool)
+    for h in range(rand.shape[0]):
+        for i in range(n):
+            for j in range(n):
+                bi, bj = i // block, j // block
+                ok = bi in glob or bj in glob or abs(bi - bj) <= 1 or bj in set(rand[h, bi])
+                m[h, i, j] = ok and (j <= i or not causal)
+    return m
+
+
+def _out_and_grads(fn, q, k, v, ct):
+    """fn's output and the gradient of sum(out * ct) w.r.t. q, k, v, in one compilation."""
+    f = lambda q, k, v: (lambda out: (jnp.sum(out * ct), out))(fn(q, k, v))
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+def _check_against_dense(fn, dense_mask, seed):
+    """fn(q, k, v) -> out must equal masked full attention, forward and gradients, to 1e-5."""
+    q, k, v = _qkv(seed)
+    mask = np.asarray(_key_mask()) & dense_mask
+    ct = jax.random.normal(jax.random.PRNGKey(seed + 7), q.shape)
+    out, got = _out_and_grads(fn, q, k, v, ct)
+    np.testing.assert_allclose(out, reference.attention(q, k, v, mask=mask), atol=1e-5, rtol=1e-5)
+    dense = lambda q, k, v: functional.dot_product_attention(q, k, v, mask=mask)
+    _, want = _out_and_grads(dense, q, k, v, ct)
+    for g, w in zip(got, want):
+        assert float(jnp.abs(w).max()) > 1e-3  # the gradient is not trivially zero
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+# --- exact kernels -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_equals_full_attention(causal):
+    fn = lambda q, k, v: chunked_attention(q, k, v, mask=_key_mask(), causal=causal,
+                                           query_chunk=8, key_chunk=16)
+    pattern = np.tril(np.ones((N, N), bool)) if causal else np.ones((N, N), bool)
+    _check_against_dense(fn, pattern, seed=1)
+
+
+def test_chunked_takes_query_masks_bias_and_empty_rows():
+    """Cached decoding passes a query-dependent mask over the cache; ALiBi passes a bias."""
+    q, k, v = _qkv(2)
+    q = q[:, :5]
+    mask = np.array(jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (B, 1, 5, N)))
+    mask[0, 0, 2] = False  # a query that may attend to nothing gives zeros, as the reference
+    bias = jax.random.normal(jax.random.PRNGKey(5), (H, 5, N))
+    out = jax.jit(lambda *a: chunked_attention(*a, query_chunk=2, key_chunk=16))(q, k, v, mask, bias)
+    want = reference.attention(q, k, v, mask=mask, bias=np.asarray(bias))
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(out[0, 2]).max()) == 0.0
+
+
+# --- sparse kernels against their dense masks --------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_equals_dense_window(causal):
+    fn = lambda q, k, v: local_attention(q, k, v, mask=_key_mask(), causal=causal, window=5)
+    _check_against_dense(fn, local_dense(N, 5, causal), seed=10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_longformer_equals_dense_window_plus_globals(causal):
+    per_token = np.zeros((B, N), bool)
+    per_token[0, [9, 30]] = True  # per-token globals on top of the configured [CLS] position
+    per_token[1, 20] = True
+    fn = lambda q, k, v: longformer_attention(q, k, v, mask=_key_mask(), causal=causal, window=4,
+                                              global_positions=(0,), global_mask=per_token,
+                                              max_global=4)
+    is_global = per_token.copy()
+    is_global[:, 0] = True
+    _check_against_dense(fn, longformer_dense(N, 4, is_global, causal), seed=20)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_equals_dense_block_pattern(causal):
+    block, nb = 4, -(-N // 4)
+    rand = random_blocks(nb, H, num_window=3, num_global=2, num_random=2, seed=3, causal=causal)
+    fn = lambda q, k, v: bigbird_attention(q, k, v, mask=_key_mask(), causal=causal, block_size=block,
+                                           num_random_blocks=2, random_seed=3)
+    _check_against_dense(fn, bigbird_dense(N, block, 2, rand, causal), seed=30)
+
+
+def test_bigbird_random_blocks_are_seeded_and_disjoint_from_window_and_globals():
+    kw = dict(num_window=3, num_global=2, num_random=3, causal=False)
+    a = random_blocks(32, 4, seed=0, **kw)
+    np.testing.assert_array_equal(a, random_blocks(32, 4, seed=0, **kw))
+    assert not np.array_equal(a, random_blocks(32, 4, seed=1, **kw))
+    assert not np.array_equal(a[0], a[1])  # heads draw different blocks
+    rows = np.arange(32)[None, :, None]
+    picked = a[:, 1:-1]  # rows of non-global blocks
+    assert (picked >= 0).all()
+    assert (np.abs(picked - rows[:, 1:-1]) > 1).all() and not np.isin(picked, [0, 31]).any()
+    causal = random_blocks(32, 4, seed=0, **{**kw, "causal": True})
+    assert ((causal < rows) | (causal == -1)).all()
+
+
+def test_sparse_kernels_never_build_an_n_by_n_array():
+    """No intermediate of the forward+backward program has n*n/4 elements (the dense
+    kernel has several), so the memory is O(n) for a fixed window/block."""
+    n = 1024
+    q = k = v = jnp.ones((1, n, 1, 8))
+    mask = jnp.ones((1, 1, 1, n), bool)
+    kernels = {
+        "xla": lambda q, k, v: functional.dot_product_attention(q, k, v, mask=mask),
+        "chunked": lambda q, k, v: chunked_attention(q, k, v, mask=mask, causal=True),
+        "local": lambda q, k, v: local_attention(q, k, v, mask=mask, window=32),
+        "longformer": lambda q, k, v: longformer_attention(q, k, v, mask=mask, window=32),
+        "bigbird": lambda q, k, v: bigbird_attention(q, k, v, mask=mask, block_size=16),
+    }
+
+    def largest(jaxpr):
+        sizes = [math.prod(x.aval.shape) for e in jaxpr.eqns for x in e.outvars]
+        for e in jaxpr.eqns:
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        sizes.append(largest(inner))
+        return max(sizes, default=0)
+
+    for name, fn in kernels.items():
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v))
+        size = largest(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr)
+        assert (size >= n * n) if name == "xla" else (size < n * n // 4), (name, size)
+
+
+# --- kernelized attention ---------------------------------------------------------------
+
+def test_linear_causal_equals_masked_quadratic_form_and_recurrence():
+    q, k, v = _qkv(40)
+    mask = _key_mask()
+    linear = jax.jit(linear_attention, static_argnames=("causal", "chunk"))
+    out = linear(q, k, v, mask=mask, causal=True, chunk=8)
+    phi = lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0)))  # elu(x) + 1
+    g = H // KV
+    fq = phi(np.asarray(q, np.float64))
+    fk = phi(np.repeat(np.asarray(k, np.float64), g, axis=2))
+    vv = np.repeat(np.asarray(v, np.float64), g, axis=2)
+    a = np.einsum("bqhm,bkhm->bhqk", fq, fk) * np.tril(np.ones((N, N))) * np.asarray(mask)
+    want = np.einsum("bhqk,bkhd->bqhd", a, vv) / np.swapaxes(a.sum(-1), 1, 2)[..., None]
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+
+    state = linear_attention_init_state((B,), H, D, D)
+    step = jax.jit(linear_attention_recurrent_step)
+    outs = []
+    for t in range(N):
+        state, o = step(state, q[:, t], k[:, t], v[:, t])
+        outs.append(o)
+    parallel = linear(q, k, v, mask=None, causal=True, chunk=8)
+    np.testing.assert_allclose(jnp.stack(outs, axis=1), parallel, atol=1e-5, rtol=1e-5)
+    # Non-causal: every query sees every valid key.
+    full = linear(q, k, v, mask=mask, causal=False)
+    a = np.einsum("bqhm,bkhm->bhqk", fq, fk) * np.asarray(mask)
+    want = np.einsum("bhqk,bkhd->bqhd", a, vv) / np.swapaxes(a.sum(-1), 1, 2)[..., None]
+    np.testing.assert_allclose(full, want, atol=1e-5, rtol=1e-5)
+
+
+def test_performer_error_falls_with_feature_count():
+    q, k, v = _qkv(50, scale=0.6)  # moderate norms, as in Choromanski et al. Fig. 3
+    mask = _key_mask()
+    errors = {}
+    fn = lambda w, causal: performer_attention(q, k, v, w, mask=mask, causal=causal, chunk=8)
+    approx = jax.jit(jax.vmap(fn, in_axes=(0, None)), static_argnums=1)  # w: [seeds, m, d]
+    for causal in (False, True):
+        exact = reference.attention(q, k, v, mask=mask, causal=causal)
+        for m in (16, 256):
+            w = jnp.stack([orthogonal_random_features(m, D, seed) for seed in range(3)])
+            errors[causal, m] = float(np.abs(np.asarray(approx(w, causal)) - exact).mean())
+    for causal in (False, True):
+        assert errors[causal, 256] < 0.5 * errors[causal, 16], errors
+    assert errors[False, 256] < 0.05, errors
+
+
+# --- models: linformer, training under jit, validation -----------------------------------
+
+TINY = dict(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=50, max_len=64,
+            dropout=0.0, attention_dropout=0.0)
+SMALL_ATTN = dict(query_chunk=16, key_chunk=16, window=8, block_size=8, num_random_blocks=1,
+                  linformer_k=8, linformer_max_len=48, num_features=32, linear_chunk=8)
+
+
+def _train(model, args, kwargs, loss_fn, steps=6):
+    """Initialises and takes `steps` Adam steps on one batch, all in one jitted program
+    (one compilation per variant). Returns the final params and the loss per step."""
+    opt = optax.adam(3e-3)
+
+    def run():
+        params = model.init(jax.random.PRNGKey(0), *args, **kwargs)["params"]
+
+        def step(carry, _):
+            params, opt_state = carry
+            loss = lambda p: loss_fn(model.apply({"params": p}, *args, **kwargs))
+            value, grads = jax.value_and_grad(loss)(params)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (value, grads)
+
+        (params, _), (losses, grads) = jax.lax.scan(step, (params, opt.init(params)), None, steps)
+        return params, losses, grads
+
+    return jax.jit(run)()
+
+
+@pytest.mark.parametrize("kind,family", [
+    ("chunked", "gpt"), ("local", "gpt"), ("longformer", "bert"), ("bigbird", "bert"),
+    ("linformer", "bert"), ("linear", "gpt"), ("performer", "gpt")])
+def test_variant_trains_a_tiny_model(kind, family):
+    n = 40
+    ids = jax.random.randint(jax.random.PRNGKey(7), (2, n), 0, TINY["vocab_size"])
+    valid = jnp.arange(n)[None] < jnp.array([[n], [33]])
+    onehot = jax.nn.one_hot(ids, TINY["vocab_size"])
+    attn = dict(SMALL_ATTN, kind=kind)
+    kwargs = dict(attention_mask=valid)
+    if family == "gpt":
+        model = GPT(get_config("gpt-tiny", **TINY, attention=attn))
+        loss_fn = lambda logits: -jnp.mean(
+            jnp.sum(jax.nn.log_softmax(logits[:, :-1]) * onehot[:, 1:], -1) * valid[:, 1:])
+    else:
+        model = BertForPreTraining(get_config("bert-tiny", **TINY, attention=attn))
+        if kind == "longformer":  # per-token global flags reach the kernel through the model
+            kwargs["global_mask"] = jnp.arange(n)[None] % 13 == 5
+        loss_fn = lambda out: -jnp.mean(
+            jnp.sum(jax.nn.log_softmax(out["mlm_logits"]) * onehot, -1) * valid)
+    params, losses, grads = _train(model, (ids,), kwargs, loss_fn)
+    losses = np.asarray(losses)
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05, losses
+    if kind == "linformer":  # its projections are parameters that receive gradients
+        g = [x for path, x in jax.tree_util.tree_flatten_with_path(grads)[0] if "linformer_e" in str(path)]
+        assert g and float(jnp.abs(g[0]).max()) > 0
+        too_long = jnp.zeros((1, SMALL_ATTN["linformer_max_len"] + 8), jnp.int32)
+        with pytest.raises(ValueError, match="linformer_max_len=48"):
+            jax.eval_shape(lambda p: model.apply({"params": p}, too_long), params)
+
+
+@pytest.mark.parametrize("kind,model_kwargs,match", [
+    ("linformer", dict(causal=True), "cannot be causal"),
+    ("bigbird", dict(position="alibi"), "position='alibi'"),
+    ("longformer", dict(position="alibi"), "position='alibi'"),
+    ("local", dict(position="alibi"), "position='alibi'"),
+    ("linear", dict(attention_dropout=0.1), "attention_dropout=0.1"),
+    ("performer", dict(attention_dropout=0.1), "attention_dropout=0.1"),
+])
+def test_validation_rejects_combinations_a_kernel_cannot_honour(kind, model_kwargs, match):
+    kw = {"causal": False, "position": "learned", "attention_dropout": 0.0, **model_kwargs}
+    with pytest.raises(ValueError, match=match):
+        registry.validate(AttentionConfig(kind=kind), **kw)
+
+
+def test_validation_through_model_configs_and_bad_fields():
+    with pytest.raises(ValueError, match="linformer.*cannot be causal"):
+        get_config("gpt-tiny", attention={"kind": "linformer"})
+    with pytest.raises(ValueError, match="alibi"):
+        get_config("bert-tiny", position="alibi", attention={"kind": "bigbird"})
+    get_config("gpt-tiny", position="alibi", attention={"kind": "chunked"})  # exact: bias is fine
+    get_config("gpt-tiny", attention={"kind": "bigbird"})                   # causal block-sparse
+    for field, value, kind in [("window", -1, "local"), ("num_window_blocks", 2, "bigbird"),
+                               ("block_size", 0, "bigbird"), ("num_features", 0, "performer"),
+                               ("query_chunk", 0, "chunked"), ("linformer_k", 0, "linformer"),
+                               ("global_positions", (-1,), "longformer")]:
+        with pytest.raises(ValueError, match=field):
+            registry.validate(AttentionConfig(kind=kind, **{field: value}), causal=False,
+                              position="learned", attention_dropout=0.0)
+
+
+def test_multihead_refuses_what_a_sparse_kernel_cannot_take():
+    x = jnp.ones((1, 12, 16))
+    mha = MultiHeadAttention(num_heads=2, attention=AttentionConfig(kind="local", window=4))
+    params = jax.eval_shape(mha.init, jax.random.PRNGKey(1), x)  # errors come at trace time
+    apply = lambda *a, **kw: jax.eval_shape(lambda p: mha.apply(p, *a, **kw), params)
+    with pytest.raises(ValueError, match="key padding masks"):
+        apply(x, mask=jnp.tril(jnp.ones((12, 12), bool))[None])
+    with pytest.raises(ValueError, match="self-attention"):
+        apply(x, jnp.ones((1, 7, 16)))
+    with pytest.raises(ValueError, match="no cached decoding"):
+        apply(x, decode=True)
+    with pytest.raises(ValueError, match="global_positions"):
+        jax.eval_shape(lambda q, k, v: longformer_attention(q, k, v, global_positions=(12,)),
+                       *_qkv(0, n=12))

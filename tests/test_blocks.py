@@ -1,0 +1,96 @@
+"""Blocks: residual placements against hand-written float64 formulas."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+
+from transformer_jax.blocks import DecoderBlock, EncoderBlock
+from transformer_jax.config import TransformerConfig
+from transformer_jax.normalization import deepnorm_constants
+
+CFG = TransformerConfig(d_model=16, num_heads=4, d_ff=32, dropout=0.0, attention_dropout=0.0,
+                        layer_norm_eps=1e-6)
+
+
+def _x(seed=0, shape=(2, 5, 16)):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+def _randomize(params, seed=1):
+    """Random values everywhere (including norm scales/biases, which init to 1/0)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def _ln(p, x):
+    return reference.layer_norm(x, np.asarray(p["scale"], np.float64), np.asarray(p["bias"], np.float64), 1e-6)
+
+
+@pytest.fixture(scope="module")
+def shared_params():
+    block = EncoderBlock(CFG.replace(norm_placement="post"))
+    return _randomize(block.init(jax.random.PRNGKey(0), _x())["params"])
+
+
+def test_post_and_pre_ln_match_formulas_and_differ(shared_params):
+    x = _x()
+    x64 = np.asarray(x, np.float64)
+    p = shared_params
+    post = EncoderBlock(CFG.replace(norm_placement="post")).apply({"params": p}, x)
+    pre = EncoderBlock(CFG.replace(norm_placement="pre")).apply({"params": p}, x)
+    # post: LN(x + Attn(x)), then LN(h + FFN(h))
+    h = _ln(p["attention_norm"], x64 + reference.mha_from_params(p["attention"], x64))
+    ref_post = _ln(p["mlp_norm"], h + reference.ffn_from_params(p["mlp"], h))
+    # pre: x + Attn(LN(x)), then h + FFN(LN(h))
+    h = x64 + reference.mha_from_params(p["attention"], _ln(p["attention_norm"], x64))
+    ref_pre = h + reference.ffn_from_params(p["mlp"], _ln(p["mlp_norm"], h))
+    np.testing.assert_allclose(post, ref_post, atol=1e-4)
+    np.testing.assert_allclose(pre, ref_pre, atol=1e-4)
+    assert np.abs(np.asarray(post) - np.asarray(pre)).max() > 1e-2
+
+
+def test_deepnorm_scales_residual(shared_params):
+    x = _x()
+    x64 = np.asarray(x, np.float64)
+    p = shared_params
+    alpha, beta = deepnorm_constants("encoder", 6)["encoder"]
+    assert np.isclose(alpha, 12 ** 0.25) and np.isclose(beta, 48 ** -0.25)
+    out = EncoderBlock(CFG.replace(norm_placement="deepnorm"), alpha=alpha, beta=beta).apply({"params": p}, x)
+    h = _ln(p["attention_norm"], alpha * x64 + reference.mha_from_params(p["attention"], x64))
+    ref = _ln(p["mlp_norm"], alpha * h + reference.ffn_from_params(p["mlp"], h))
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_deepnorm_init_scales_value_and_ffn_by_beta():
+    cfg = CFG.replace(norm_placement="deepnorm", d_model=64, d_ff=256)
+    x = _x(shape=(1, 3, 64))
+    p = EncoderBlock(cfg, beta=0.25).init(jax.random.PRNGKey(0), x)["params"]
+    std = lambda a: float(np.std(np.asarray(a)))
+    # Xavier normal: std = gain * sqrt(2 / (fan_in + fan_out)).
+    assert np.isclose(std(p["attention"]["query"]["kernel"]), np.sqrt(2 / 128), rtol=0.1)
+    assert np.isclose(std(p["attention"]["value"]["kernel"]), 0.25 * np.sqrt(2 / 128), rtol=0.1)
+    assert np.isclose(std(p["mlp"]["up"]["kernel"]), 0.25 * np.sqrt(2 / 320), rtol=0.1)
+
+
+@pytest.mark.parametrize("placement", ["post", "pre", "sandwich", "deepnorm"])
+@pytest.mark.parametrize("norm_type", ["layernorm", "rmsnorm"])
+def test_decoder_block_vmap_and_causality(placement, norm_type):
+    cfg = CFG.replace(norm_placement=placement, norm_type=norm_type, activation="swiglu")
+    block = DecoderBlock(cfg, cross_attention=True)
+    x, mem = _x(1), _x(2, (2, 4, 16))
+    params = block.init(jax.random.PRNGKey(0), x, mem)
+    out = block.apply(params, x, mem)
+    vm = jax.vmap(lambda a, m: block.apply(params, a, m))(x, mem)
+    np.testing.assert_allclose(vm, out, atol=1e-5)
+    jac = jax.jacobian(lambda x: block.apply(params, x, mem)[0, 2].sum())(x)
+    assert np.abs(np.asarray(jac[0, 3:])).max() == 0.0
+
+
+def test_cross_attention_memory_width_error():
+    block = DecoderBlock(CFG, cross_attention=True)
+    x = _x()
+    params = block.init(jax.random.PRNGKey(0), x, x)
+    with pytest.raises(ValueError, match=r"memory has width 8.*d_model=16"):
+        block.apply(params, x, _x(3, (2, 4, 8)))

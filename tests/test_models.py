@@ -1,0 +1,201 @@
+"""Models: published parameter counts, every preset, jit/grad/vmap, cached decoding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax.models import (PRESETS, BertForPreTraining, BertForSentenceEmbedding,
+                                    BertForSequenceClassification, BertForTokenClassification,
+                                    EncoderDecoder, EncoderDecoderConfig, GPT, build, generate,
+                                    get_config, init_cache)
+
+TINY = dict(vocab_size=101, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=32)
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _tokens(seed, shape, vocab=101):
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab)
+
+
+def _abstract_init(config):
+    model = build(config)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    args = (ids, ids) if isinstance(config, EncoderDecoderConfig) else (ids,)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"]
+
+
+def test_published_parameter_counts():
+    # GPT-2 small with tied embeddings (Radford et al. 2019; HF GPT2Model).
+    assert _count(_abstract_init(get_config("gpt2-small"))) == 124_439_808
+    # BERT-base BertModel with pooler (Devlin et al. 2018; HF BertModel).
+    assert _count(_abstract_init(get_config("bert-base"))["bert"]) == 109_482_240
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_initializes_abstractly(name):
+    assert _count(_abstract_init(get_config(name))) > 0
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "gpt-tiny", "transformer-tiny"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_presets_forward_backward_under_jit(name, dtype):
+    cfg = get_config(name, vocab_size=101, max_len=32, dtype=dtype)
+    model = build(cfg)
+    ids = _tokens(0, (2, 16))
+    args = (ids, ids) if name.startswith("transformer") else (ids,)
+    params = model.init(jax.random.PRNGKey(0), *args)["params"]
+
+    @jax.jit
+    def loss_fn(params, rng):
+        out = model.apply({"params": params}, *args, deterministic=False, rngs={"dropout": rng})
+        logits = out["mlm_logits"] if isinstance(out, dict) else out
+        assert logits.dtype == jnp.dtype(dtype)
+        return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
+
+    loss, grads = jax.value_and_grad(loss_fn)(params, jax.random.PRNGKey(1))
+    assert np.isfinite(float(loss))
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # fp32 params
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0
+
+
+def _vmap_matches(model, params, *args, **kw):
+    full = jax.jit(lambda p, *a: model.apply(p, *a, **kw))(params, *args)
+    vm = jax.jit(jax.vmap(lambda p, *a: model.apply(p, *a, **kw), in_axes=(None,) + (0,) * len(args)))(
+        params, *args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), full, vm)
+
+
+def test_vmap_equals_batched_for_each_model():
+    ids = _tokens(1, (3, 10))
+    mask = jnp.arange(10)[None, :] < jnp.array([[10], [7], [4]])
+    bert = BertForPreTraining(get_config("bert-tiny", **TINY))
+    params = bert.init(jax.random.PRNGKey(0), ids)
+    _vmap_matches(bert, params, ids, jnp.zeros_like(ids), mask)
+    gpt = GPT(get_config("gpt-tiny", **TINY, position="rope", num_kv_heads=2))
+    _vmap_matches(gpt, gpt.init(jax.random.PRNGKey(0), ids), ids)
+    s2s = EncoderDecoder(get_config("transformer-tiny", **TINY))
+    _vmap_matches(s2s, s2s.init(jax.random.PRNGKey(0), ids, ids), ids, ids, mask, mask)
+
+
+def test_bert_heads_and_mean_pooling_ignores_padding():
+    cfg = get_config("bert-tiny", **TINY, dropout=0.0, attention_dropout=0.0)
+    ids = _tokens(2, (2, 8))
+    mask = jnp.array([[1] * 8, [1] * 5 + [0] * 3], bool)
+    for head, shape in [(BertForSequenceClassification(cfg, num_labels=3), (2, 3)),
+                        (BertForTokenClassification(cfg, num_labels=5), (2, 8, 5))]:
+        assert jax.eval_shape(head.init_with_output, jax.random.PRNGKey(0), ids)[0].shape == shape
+    emb = BertForSentenceEmbedding(cfg, pooling="mean")
+    p = emb.init(jax.random.PRNGKey(0), ids)
+    apply = jax.jit(lambda ids: emb.apply(p, ids, attention_mask=mask))
+    a = apply(ids)
+    b = apply(ids.at[1, 6].set(7))  # change a padded token
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(jnp.linalg.norm(a, axis=-1), 1.0, atol=1e-5)
+
+
+def test_post_and_pre_ln_models_differ_on_same_params():
+    ids = _tokens(3, (2, 8))
+    post = GPT(get_config("gpt-tiny", **TINY, norm_placement="post"))
+    pre = GPT(get_config("gpt-tiny", **TINY, norm_placement="pre"))
+    params = pre.init(jax.random.PRNGKey(0), ids)["params"]
+    params_post = {k: v for k, v in params.items()}
+    params_post["decoder"] = {k: v for k, v in params["decoder"].items() if k != "final_norm"}
+    a = post.apply({"params": params_post}, ids)
+    b = pre.apply({"params": params}, ids)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(position="rope", num_kv_heads=2),
+                                     dict(position="alibi", num_kv_heads=1)])
+def test_cached_decoding_matches_full_forward(variant):
+    cfg = get_config("gpt-tiny", **TINY, **variant)
+    model = GPT(cfg)
+    prompt = np.asarray(_tokens(4, (2, 5)))
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(prompt))["params"]
+    # Prefill 5 tokens, then 3 cached single steps, against one full pass of 8.
+    seq = _tokens(5, (2, 8))
+    forward = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
+    step = jax.jit(lambda p, c, ids: model.apply({"params": p, "cache": c}, ids, decode=True,
+                                                   mutable=["cache"]))
+    full = forward(params, seq)
+    logits, state = step(params, init_cache(model, 2, 8), seq[:, :5])
+    steps = [logits]
+    for t in range(5, 8):
+        logits, state = step(params, state["cache"], seq[:, t:t + 1])
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+    # Greedy generation equals argmax over repeated full forward passes. The
+    # reference pads to a fixed width (one compilation); causality makes the
+    # padding invisible to the position being read.
+    lengths = np.array([5, 3])
+    out = generate(model, params, prompt, prompt_lengths=lengths, max_new_tokens=6, temperature=0)
+    for b in range(2):
+        ids = list(prompt[b, :lengths[b]])
+        for _ in range(6):
+            padded = jnp.zeros((1, 11), jnp.int32).at[0, :len(ids)].set(jnp.array(ids))
+            ids.append(int(jnp.argmax(forward(params, padded)[0, len(ids) - 1])))
+        assert int(out.lengths[b]) == len(ids)
+        assert list(np.asarray(out.tokens[b, :len(ids)])) == ids
+
+
+def test_generate_sampling_eos_and_limits():
+    cfg = get_config("gpt-tiny", **TINY)
+    model = GPT(cfg)
+    prompt = np.asarray(_tokens(6, (3, 4)))
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(prompt))["params"]
+    out = generate(model, params, prompt, max_new_tokens=20, temperature=1.0, top_k=10,
+                   top_p=0.9, rng=jax.random.PRNGKey(1), eos_id=3)
+    for row, n in zip(np.asarray(out.tokens), np.asarray(out.lengths)):
+        gen = row[4:n]
+        assert 1 <= len(gen) <= 20
+        assert 3 not in gen[:-1]  # stops at the first EOS
+        if len(gen) < 20:
+            assert gen[-1] == 3
+    with pytest.raises(ValueError, match="exceeds the model's max_len=32"):
+        generate(model, params, prompt, max_new_tokens=29)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 101\)"):
+        generate(model, params, prompt + 200, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(d_model=30, num_heads=4), "d_model=30 must be divisible by num_heads=4"),
+    (dict(num_kv_heads=3), "num_heads=4 must be divisible by num_kv_heads=3"),
+    (dict(attention={"kind": "sparse-ish"}), "attention.kind='sparse-ish'.*valid"),
+    (dict(position="relative"), "position='relative' is not valid"),
+    (dict(norm_placement="middle"), "norm_placement='middle' is not valid"),
+    (dict(norm_type="batchnorm"), "norm_type='batchnorm' is not valid"),
+    (dict(num_layers=0), "num_layers=0 must be a positive integer"),
+    (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
+])
+def test_invalid_configs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        get_config("gpt-tiny", **{**TINY, **bad})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="gpt-huge.*valid: bert-tiny"):
+        get_config("gpt-huge")
+
+
+def test_shape_errors():
+    cfg = get_config("bert-tiny", **TINY)
+    model = BertForPreTraining(cfg)
+    ids = _tokens(7, (2, 8))
+    params = model.init(jax.random.PRNGKey(0), ids)
+    with pytest.raises(ValueError, match=r"sequence length 40.*max_len is 32"):
+        model.apply(params, _tokens(7, (2, 40)))
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 6\).*\(2, 8\)"):
+        model.apply(params, ids, None, jnp.ones((2, 6), bool))
+
+
+def test_concat_position_embeddings():
+    cfg = get_config("gpt-tiny", **TINY, embed_combine="concat")
+    model = GPT(cfg)
+    ids = _tokens(8, (2, 8))
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    assert params["embeddings"]["combine"]["kernel"].shape == (64, 32)
+    assert model.apply({"params": params}, ids).shape == (2, 8, 101)

@@ -1,0 +1,460 @@
+"""Training core: schedules, losses, AdamW masks, accumulation, exact resume,
+divergence, checkpoint errors, bf16 compute, signals, FLOPs.
+
+Tiny models and few compilations: compiled steps are shared through module-level
+caches, and every reference (schedules, losses, parameter count) is written here
+independently of the code under test.
+"""
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from transformer_jax.models import PRESETS, get_config
+from transformer_jax.training import (Checkpointer, DivergenceMonitor, GracefulShutdown,
+                                      abstract_train_state, config_from_dict, config_to_dict,
+                                      create_train_state, decay_mask, get_task,
+                                      learning_rate_fn, lm_loss, load_metadata,
+                                      make_eval_step, make_optimizer, make_schedule,
+                                      make_train_step, mean_metrics, measure_matmul_peak,
+                                      mlm_loss, model_flops_per_token, nsp_loss,
+                                      restore_checkpoint, seq2seq_loss, throughput, train_step)
+
+V, L, D, FF = 64, 16, 32, 64
+GPT = get_config("gpt-tiny", vocab_size=V, num_layers=1, d_model=D, num_heads=2, d_ff=FF, max_len=32)
+
+
+def lm_batch(seed, batch=4, seq=L, pad=False):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.float32)
+    if pad:  # random right padding, at least one target per row
+        mask = (np.arange(seq)[None] < rng.integers(1, seq + 1, (batch, 1))).astype(np.float32)
+    return {"input_ids": rng.integers(1, V, (batch, seq)).astype(np.int32),
+            "targets": rng.integers(1, V, (batch, seq)).astype(np.int32), "loss_mask": mask}
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+@functools.lru_cache(maxsize=None)
+def gpt_setup(accumulation_steps=1, dropout=0.0, lr=1e-2):
+    """(config, tx, lr_fn, jitted step) shared by the tests that use the same optimizer."""
+    config = GPT.replace(dropout=dropout)
+    schedule = make_schedule("linear", lr, warmup_steps=2, total_steps=50)
+    tx = make_optimizer(schedule, weight_decay=0.1, accumulation_steps=accumulation_steps)
+    return config, tx, learning_rate_fn(schedule, accumulation_steps), make_train_step("lm")
+
+
+def fresh_state(accumulation_steps=1, dropout=0.0, seed=0):
+    config, tx, lr_fn, _ = gpt_setup(accumulation_steps, dropout)
+    return create_train_state(config, tx, jax.random.PRNGKey(seed), lr_fn=lr_fn)
+
+
+# --- schedules -------------------------------------------------------------------
+
+def _reference_lr(name, peak, warmup, total, s):
+    if s < warmup:
+        return peak * s / warmup
+    t = min((s - warmup) / (total - warmup), 1.0) if total else 0.0
+    return {"constant": peak, "linear": peak * (1 - t),
+            "cosine": peak * 0.5 * (1 + math.cos(math.pi * t)),
+            "rsqrt": peak * math.sqrt(max(warmup, 1) / max(s, warmup, 1))}[name]
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine", "rsqrt"])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_schedule_matches_closed_form(name, warmup):
+    peak, total = 0.5, 110
+    fn = make_schedule(name, peak, warmup, total)
+    for s in (0, 1, 5, 9, 10, 11, 37, 64, 109, 110, 200):
+        np.testing.assert_allclose(float(fn(s)), _reference_lr(name, peak, warmup, total, s),
+                                   rtol=1e-5, atol=1e-7, err_msg=f"{name} step {s}")
+
+
+def test_rsqrt_is_noam_normalised():
+    # Vaswani et al. 2017 eq. 3 divided by its value at step = warmup.
+    d, w = 512, 4000
+    noam = lambda s: d ** -0.5 * min(s ** -0.5, s * w ** -1.5)
+    fn = make_schedule("rsqrt", 2.0, w)
+    for s in (1, 1000, 4000, 9000, 40000):
+        np.testing.assert_allclose(float(fn(s)), 2.0 * noam(s) / noam(w), rtol=1e-5)
+
+
+@pytest.mark.parametrize("args, field", [
+    (("warm", 1e-3, 0, 10), "schedule"), (("cosine", -1.0, 0, 10), "peak_lr"),
+    (("cosine", 1e-3, -1, 10), "warmup_steps"), (("linear", 1e-3, 10, 10), "total_steps"),
+    (("cosine", 1e-3, 0, None), "total_steps")])
+def test_schedule_rejects_bad_values(args, field):
+    with pytest.raises(ValueError, match=field):
+        make_schedule(*args)
+
+
+# --- losses ----------------------------------------------------------------------
+
+def _np_log_softmax(x):
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_loss(logits, labels, weights, eps=0.0):
+    logp = _np_log_softmax(np.asarray(logits, np.float32))
+    nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    vocab = logits.shape[-1]
+    q = (1 - eps) * np.eye(vocab)[labels] + eps / vocab   # Szegedy et al. 2016 target
+    smoothed = -(q * logp).sum(-1)
+    acc = (logits.argmax(-1) == labels)
+    mean = lambda v: (v * weights).sum() / weights.sum()
+    return mean(smoothed), mean(nll), mean(acc)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_losses_match_numpy(dtype):
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(0, 3, (3, 7, 11)), dtype)
+    labels = rng.integers(0, 11, (3, 7)).astype(np.int32)
+    weights = (rng.random((3, 7)) < 0.6).astype(np.float32)
+    weights[0, 0] = 1.0
+    np_logits = np.asarray(logits.astype(jnp.float32))
+    tol = dict(rtol=1e-5, atol=1e-5)
+    for fn, eps in ((mlm_loss, 0.0), (lm_loss, 0.0), (functools.partial(seq2seq_loss, label_smoothing=0.1), 0.1)):
+        out = fn(logits, labels, weights)
+        loss, nll, acc = _np_loss(np_logits, labels, weights, eps)
+        assert out["loss"].dtype == jnp.float32
+        np.testing.assert_allclose(out["loss"], loss, **tol)
+        np.testing.assert_allclose(out["nll"], nll, **tol)
+        np.testing.assert_allclose(out["accuracy"], acc, **tol)
+        assert float(out["weight"]) == weights.sum()
+    nsp_logits, nsp_labels = np_logits[:, 0, :2], labels[:, 0] % 2
+    loss, _, acc = _np_loss(nsp_logits, nsp_labels, np.ones(3))
+    np.testing.assert_allclose(nsp_loss(jnp.asarray(nsp_logits), nsp_labels)["loss"], loss, **tol)
+    # No weight at all gives 0, not NaN.
+    assert float(lm_loss(logits, labels, np.zeros_like(weights))["loss"]) == 0.0
+
+
+def test_label_smoothing_is_validated():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        get_task("seq2seq", label_smoothing=1.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        get_task("lm", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="task"):
+        get_task("classification")
+
+
+# --- optimizer -------------------------------------------------------------------
+
+def test_weight_decay_mask_excludes_biases_and_norms():
+    config = get_config("bert-tiny", vocab_size=V, num_layers=1, d_model=D, num_heads=2, d_ff=FF, max_len=32)
+    from transformer_jax.training import init_params
+    params = jax.eval_shape(lambda k: init_params(config, k)[0], jax.random.PRNGKey(0))
+    flat = traverse_util.flatten_dict(decay_mask(params), sep="/")
+    for path, decays in flat.items():
+        leaf = path.split("/")[-1]
+        expect = leaf in ("kernel", "embedding")
+        assert decays == expect, path
+    assert flat["bert/encoder/layer_0/attention_norm/scale"] is False
+    assert flat["mlm_head/bias"] is False
+    no_emb = traverse_util.flatten_dict(decay_mask(params, decay_embeddings=False))
+    assert not no_emb[("bert", "embeddings", "token", "embedding")]
+    assert no_emb[("bert", "encoder", "layer_0", "mlp", "up", "kernel")]
+
+
+def test_adamw_decays_only_masked_params():
+    params = {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full((2,), 2.0)},
+              "final_norm": {"scale": jnp.full((2,), 2.0)}}
+    tx = make_optimizer(0.1, weight_decay=0.5, clip_norm=None)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["dense"]["kernel"], 2.0 - 0.1 * 0.5 * 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(new["dense"]["bias"], 2.0)
+    np.testing.assert_array_equal(new["final_norm"]["scale"], 2.0)
+
+
+def test_optimizer_rejects_bad_values():
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        make_optimizer(1e-3, accumulation_steps=0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        make_optimizer(1e-3, clip_norm=-1.0)
+
+
+def test_gradient_accumulation_equals_large_batch():
+    k = 3
+    big = lm_batch(7, batch=2 * k)
+    micro = [{key: v[2 * i:2 * i + 2] for key, v in big.items()} for i in range(k)]
+    _, _, _, step = gpt_setup(1)
+    ref, _ = step(fresh_state(1), big)
+    acc_state = fresh_state(k)
+    init = host(acc_state.params)
+    _, _, _, acc_step = gpt_setup(k)
+    for i, b in enumerate(micro):
+        acc_state, metrics = acc_step(acc_state, b)
+        if i < k - 1:  # MultiSteps only accumulates until the k-th micro-batch
+            jax.tree.map(np.testing.assert_array_equal, host(acc_state.params), init)
+    assert int(acc_state.step) == k
+    got, want = host(acc_state.params), host(ref.params)
+    assert not np.allclose(want["decoder"]["layer_0"]["mlp"]["up"]["kernel"],
+                           init["decoder"]["layer_0"]["mlp"]["up"]["kernel"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), got, want)
+
+
+def test_step_metrics_are_consistent():
+    config, tx, lr_fn, step = gpt_setup(1)
+    state = fresh_state(1)
+    lrs = []
+    for i in range(3):
+        state, m = step(state, lm_batch(10 + i, pad=True))
+        lrs.append(float(m["lr"]))
+    # lr of update i is the schedule at i: warm-up 0 -> 1e-2 over 2 steps.
+    np.testing.assert_allclose(lrs, [0.0, 5e-3, 1e-2], rtol=1e-6)
+    groups = {k.split("/", 1)[1] for k in m if k.startswith("grad_norm/")}
+    assert groups == {"decoder/layer_0", "decoder/final_norm", "embeddings/token", "embeddings/position"}
+    for kind in ("grad_norm", "update_norm"):
+        total = sum(float(m[f"{kind}/{g}"]) ** 2 for g in groups)
+        np.testing.assert_allclose(total, float(m[kind]) ** 2, rtol=1e-4)
+    assert float(m["update_norm"]) > 0 and float(m["finite"]) == 1.0
+    np.testing.assert_allclose(m["perplexity"], np.exp(m["nll"]), rtol=1e-5)
+    ev = make_eval_step("lm")(state, lm_batch(20, pad=True))
+    assert set(ev) >= {"loss", "accuracy", "perplexity", "weight"}
+    avg = mean_metrics([{"loss": 1.0, "nll": 1.0, "weight": 1.0}, {"loss": 4.0, "nll": 4.0, "weight": 3.0}])
+    assert avg["loss"] == pytest.approx(3.25) and avg["perplexity"] == pytest.approx(math.exp(3.25))
+
+
+def test_step_vmaps_over_stacked_states():
+    # The step is a pure function of (state, batch): a stack of seeds runs at once.
+    states = [fresh_state(1, seed=s) for s in (1, 2)]
+    batch = lm_batch(3)
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
+    vstep = jax.jit(jax.vmap(functools.partial(train_step, task=get_task("lm")), in_axes=(0, None)))
+    _, vm = vstep(stacked, batch)
+    _, _, _, step = gpt_setup(1)
+    for i, s in enumerate(states):
+        _, m = step(s, batch)
+        np.testing.assert_allclose(vm["loss"][i], m["loss"], rtol=1e-6)
+
+
+def test_missing_batch_field_is_named():
+    with pytest.raises(ValueError, match="loss_mask"):
+        gpt_setup(1)[3](fresh_state(1), {k: v for k, v in lm_batch(0).items() if k != "loss_mask"})
+
+
+# --- bf16 compute, fp32 master weights ----------------------------------------------
+
+def test_bf16_compute_keeps_fp32_params():
+    config = GPT.replace(dtype="bfloat16")
+    tx = make_optimizer(1e-3)
+    state = create_train_state(config, tx, jax.random.PRNGKey(0))
+    logits = state.apply_fn({"params": state.params}, lm_batch(0)["input_ids"])
+    assert logits.dtype == jnp.bfloat16
+    step = make_train_step("lm")
+    for i in range(2):
+        state, m = step(state, lm_batch(i))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))
+    assert float(m["finite"]) == 1.0
+
+
+# --- divergence ------------------------------------------------------------------------
+
+def test_divergent_run_is_detected_and_state_kept():
+    # Post-LN with a huge constant learning rate and no warm-up (Xiong et al. 2020).
+    config = GPT.replace(norm_placement="post")
+    tx = make_optimizer(make_schedule("constant", 1e4), clip_norm=None, weight_decay=0.0)
+    state = create_train_state(config, tx, jax.random.PRNGKey(0))
+    step, monitor = make_train_step("lm"), DivergenceMonitor()
+    status = None
+    for i in range(40):
+        before = host(state)
+        state, metrics = step(state, lm_batch(i))
+        status = monitor.update(i, metrics)
+        if status.diverged:
+            break
+    assert status.diverged and monitor.diverged_at == i, f"no divergence in {i + 1} steps"
+    assert float(metrics["finite"]) == 0.0
+    after = host(state)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
+    jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+    assert int(after.step) == int(before.step)
+    # The process carries on; the kept state can be saved or trained with a sane setting.
+
+
+def test_monitor_counts_spikes():
+    monitor = DivergenceMonitor(spike_factor=2.0, window=5, min_history=3)
+    losses = [3.0, 2.9, 3.1, 2.8, 7.0, 2.7, 6.5, 2.6]
+    statuses = [monitor.update(i, {"loss": x, "grad_norm": 1.0}) for i, x in enumerate(losses)]
+    assert [s.spike for s in statuses] == [False, False, False, False, True, False, True, False]
+    assert monitor.num_spikes == 2 and not any(s.diverged for s in statuses)
+    status = monitor.update(8, {"loss": float("nan"), "grad_norm": 1.0})
+    assert status.diverged and status.diverged_at == 8
+    assert monitor.update(9, {"loss": 1.0, "grad_norm": float("inf")}).diverged_at == 8
+    restored = DivergenceMonitor(2.0, 5, 3).load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert restored.num_spikes == 2 and list(restored.losses) == list(monitor.losses)
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+def test_resume_is_bitwise_exact(tmp_path):
+    config, tx, lr_fn, step = gpt_setup(1, dropout=0.1)
+    batches = [lm_batch(100 + i, pad=True) for i in range(6)]
+    state, straight = fresh_state(1, dropout=0.1), []
+    for b in batches:
+        state, m = step(state, b)
+        straight.append(np.asarray(m["loss"]))
+    final_straight = host(state.params)
+
+    state, resumed = fresh_state(1, dropout=0.1), []
+    with Checkpointer(tmp_path / "ckpt", save_interval_steps=1) as ckpt:
+        for b in batches[:3]:
+            state, m = step(state, b)
+            resumed.append(np.asarray(m["loss"]))
+        assert ckpt.save(int(state.step), state, config=config,
+                         metadata={"data": {"step": 3, "seed": 0}, "tokenizer": {"vocab.txt": "a b"}})
+    del state
+    record = load_metadata(tmp_path / "ckpt")
+    assert config_from_dict(record["config"]) == config
+    assert record["metadata"]["data"] == {"step": 3, "seed": 0}
+    target = abstract_train_state(config_from_dict(record["config"]), tx, lr_fn=lr_fn)
+    state, _ = restore_checkpoint(tmp_path / "ckpt", target, config=config)
+    assert int(state.step) == 3
+    for b in batches[3:]:
+        state, m = step(state, b)
+        resumed.append(np.asarray(m["loss"]))
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(straight))
+    jax.tree.map(np.testing.assert_array_equal, host(state.params), final_straight)
+    # Dropout is on: without the restored key the continuation would differ.
+    assert len(set(np.round(straight, 6))) == 6
+
+
+def _tree_digest(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A directory with checkpoints at steps 3 and 4 of a fresh GPT state."""
+    directory = tmp_path_factory.mktemp("saved") / "ckpt"
+    state = fresh_state(1)
+    config, tx, lr_fn, _ = gpt_setup(1)
+    with Checkpointer(directory, max_to_keep=2, save_interval_steps=2) as ckpt:
+        assert not ckpt.save(1, state, config=config)             # off-interval
+        for s in (2, 3, 4):
+            ckpt.save(s, state.replace(step=jnp.asarray(s, jnp.int32)), config=config, force=True)
+        assert ckpt.all_steps() == [3, 4]                           # keep 2
+        assert not ckpt.save(4, state, config=config, force=True)   # never overwrite
+        with pytest.raises(ValueError, match="JSON"):
+            ckpt.save(6, state, config=config, metadata={"bad": object()})
+        assert ckpt.all_steps() == [3, 4]
+    return directory, config, tx, state
+
+
+def test_checkpoint_errors_name_path_and_mismatch(saved, tmp_path):
+    directory, config, tx, state = saved
+    before = _tree_digest(directory)
+    with pytest.raises(ValueError, match="does not exist"):
+        restore_checkpoint(tmp_path / "nowhere", state)
+    assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        restore_checkpoint(tmp_path / "empty", state)
+    with pytest.raises(ValueError, match=r"step 7 not found.*\[3, 4\]"):
+        restore_checkpoint(directory, state, step=7)
+    other = config.replace(d_model=64, num_heads=2)
+    with pytest.raises(ValueError, match=f"{directory}.*different model.*d_model: expected 64, found 32"):
+        restore_checkpoint(directory, state, config=other)
+    bigger = create_train_state(config.replace(vocab_size=V + 8), tx, jax.random.PRNGKey(1))
+    with pytest.raises(ValueError, match=r"params/embeddings/token/embedding: target \[72, 32\]"):
+        restore_checkpoint(directory, bigger)
+    assert _tree_digest(directory) == before       # failures write nothing
+    restored, record = restore_checkpoint(directory, state)
+    assert record["step"] == 4 and int(restored.step) == 4
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_partial_and_corrupted_checkpoints(saved, tmp_path):
+    directory, config, tx, state = saved
+    partial = _copy(directory, tmp_path / "partial")
+    shutil.rmtree(partial / "4" / "meta")
+    with pytest.raises(ValueError, match=f"{partial / '4'}.*partial.*meta"):
+        restore_checkpoint(partial, state)
+    # Garbage in every array file: Orbax fails to read, or the checksums differ.
+    broken = _copy(directory, tmp_path / "broken")
+    data_files = [os.path.join(r, f) for r, _, fs in os.walk(broken / "4" / "state")
+                  for f in fs if os.sep + "d" + os.sep in os.path.join(r, f)]
+    assert data_files
+    for f in data_files:
+        size = os.path.getsize(f)
+        with open(f, "wb") as fh:
+            fh.write(np.random.default_rng(0).bytes(size))
+    with pytest.raises(ValueError, match=f"{broken / '4'}.*corrupted"):
+        restore_checkpoint(broken, state)
+    meta = _copy(directory, tmp_path / "badmeta")
+    for r, _, fs in os.walk(meta / "4" / "meta"):
+        for f in fs:
+            open(os.path.join(r, f), "w").write("{not json")
+    with pytest.raises(ValueError, match="corrupted|valid metadata"):
+        load_metadata(meta)
+    # The intact step 3 of the broken copy still restores.
+    restored, _ = restore_checkpoint(broken, state, step=3)
+    assert int(restored.step) == 3
+
+
+# --- config I/O, signals, FLOPs -------------------------------------------------------
+
+def test_config_round_trip_through_json():
+    for name in PRESETS:
+        config = get_config(name)
+        assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+    config = GPT.replace(attention={"kind": "xla", "global_positions": (0, 5)})
+    d = json.loads(json.dumps(config_to_dict(config)))
+    assert d["class"] == "GPTConfig" and config_from_dict(d) == config
+    with pytest.raises(ValueError, match="Nonsense"):
+        config_from_dict({"class": "Nonsense", "fields": {}})
+    with pytest.raises(ValueError, match="d_modle"):
+        config_from_dict({"class": "GPTConfig", "fields": {"d_modle": 3}})
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_shutdown_sets_flag(signum):
+    previous = signal.getsignal(signum)
+    with GracefulShutdown() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):   # the handler runs between bytecodes of the main thread
+            if stop.requested:
+                break
+        assert stop.requested and stop.received == signum
+    assert signal.getsignal(signum) == previous
+
+
+def test_model_flops_per_token_formula():
+    # GPT: tied token table V d; per layer 4 (d^2 + d) attention + 2 d ff + ff + d MLP
+    # + 2 norms (2 d each); final norm 2 d. Position table excluded.
+    n = V * D + (4 * (D * D + D) + 2 * D * FF + FF + D + 4 * D) + 2 * D
+    assert model_flops_per_token(GPT, seq_len=L) == 6 * n + 12 * 1 * D * L
+    assert model_flops_per_token(GPT) == 6 * n + 12 * 1 * D * GPT.max_len
+    peak = measure_matmul_peak("float32", size=128, repeats=2)
+    assert peak > 1e6
+    out = throughput(num_tokens=1000, seconds=0.5, flops_per_token=10.0, peak_flops=1e5)
+    assert out["tokens_per_sec"] == 2000 and out["mfu"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="seconds"):
+        throughput(1, 0.0, 1.0)

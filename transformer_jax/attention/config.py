@@ -1,0 +1,50 @@
+"""Configuration of the attention kernel, shared by every attention variant.
+
+One frozen dataclass, hashable so that it can be a Flax module attribute and a
+`jax.jit` static argument. Fields that only one variant reads say which.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    # Which kernel computes softmax(QK^T/sqrt(d))V (or its approximation). A name
+    # registered in `transformer_jax.attention.registry`; "xla" is the reference.
+    kind: str = "xla"
+    # chunked (Rabe & Staats 2021, arXiv 2112.05682): query / key chunk lengths.
+    query_chunk: int = 128
+    key_chunk: int = 128
+    # local / longformer: one-sided window w; a token sees positions within +-w
+    # (or [t-w, t] when causal). Beltagy et al. 2020, arXiv 2004.05150.
+    window: int = 128
+    # longformer: positions that attend everywhere and are attended by everyone,
+    # e.g. (0,) for [CLS]. A per-token global mask may also be passed at call time.
+    global_positions: tuple[int, ...] = (0,)
+    # longformer with a call-time per-token `global_mask`: the global tokens are
+    # gathered into a static-size set (XLA needs static shapes); flagged tokens
+    # past the first `longformer_max_global` are treated as ordinary tokens.
+    longformer_max_global: int = 16
+    # bigbird (Zaheer et al. 2020, arXiv 2007.14062, ITC variant): block size and
+    # counts of window / global / random blocks; random blocks come from this seed.
+    block_size: int = 64
+    num_window_blocks: int = 3
+    num_global_blocks: int = 2
+    num_random_blocks: int = 3
+    random_seed: int = 0
+    # linformer (Wang et al. 2020, arXiv 2006.04768): projected length k, the
+    # sequence length the projections were built for, and head sharing.
+    linformer_k: int = 64
+    linformer_max_len: int = 512
+    linformer_share_heads: bool = True
+    # performer (Choromanski et al. 2020, arXiv 2009.14794): random feature count.
+    num_features: int = 256
+    # linear / performer causal mode: prefix sums of phi(k) v^T are taken between
+    # chunks of this length and the masked quadratic form inside a chunk, so the
+    # state tensor is [n / linear_chunk, features, head_dim] instead of [n, ...]
+    # (the chunkwise form of Katharopoulos et al. 2020, arXiv 2006.16236, eq. 9).
+    linear_chunk: int = 64
+
+    def replace(self, **kwargs) -> "AttentionConfig":
+        return dataclasses.replace(self, **kwargs)

@@ -1,0 +1,126 @@
+"""Transformer blocks: feed-forward, encoder block and decoder block.
+
+Every block takes `[..., seq, d_model]` and returns the same shape. The residual
+placement (post / pre / sandwich / deepnorm) is `config.norm_placement`; see
+`normalization.py` for the formulas.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+
+from transformer_jax.attention import MultiHeadAttention
+from transformer_jax.config import TransformerConfig
+from transformer_jax.normalization import make_norm, xavier_normal
+
+ACTIVATION_FNS: dict[str, Callable] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),   # BERT: exact erf GELU
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2 "gelu_new"
+    "relu": jax.nn.relu,                                     # Vaswani et al. 2017
+}
+
+
+def _inits(config: TransformerConfig, beta: float):
+    """(default init, init of W_v / W_o / feed-forward). DeepNorm uses Xavier normal
+    with gain beta on the latter (Wang et al. 2022, arXiv 2203.00555, Alg. 1)."""
+    if config.norm_placement == "deepnorm":
+        return xavier_normal(1.0), xavier_normal(beta)
+    init = nn.initializers.normal(config.init_std)
+    return init, init
+
+
+class FeedForward(nn.Module):
+    """Position-wise two-layer MLP `[..., d_model] -> [..., d_ff] -> [..., d_model]`, or
+    SwiGLU (Shazeer 2020, arXiv 2002.05202): down(silu(gate(x)) * up(x))."""
+    config: TransformerConfig
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda n, name: nn.Dense(n, use_bias=cfg.use_bias, kernel_init=self.kernel_init,
+                                         dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                                         name=name)
+        if cfg.activation == "swiglu":
+            h = jax.nn.silu(dense(cfg.d_ff, "gate")(x)) * dense(cfg.d_ff, "up")(x)
+        else:
+            h = ACTIVATION_FNS[cfg.activation](dense(cfg.d_ff, "up")(x))
+        return dense(cfg.d_model, "down")(h)
+
+
+class _ResidualBlock(nn.Module):
+    """Shared residual wiring; subclasses call `self.residual(name, x, f)` from
+    their compact `__call__`."""
+    config: TransformerConfig
+    alpha: float = 1.0   # DeepNorm residual scale
+    beta: float = 1.0    # DeepNorm init gain
+
+    def norm(self, name):
+        cfg = self.config
+        return make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype, name)
+
+    def residual(self, name, x, f, deterministic):
+        placement = self.config.norm_placement
+        drop = nn.Dropout(self.config.dropout, name=f"{name}_dropout")
+        if placement == "pre":
+            return x + drop(f(self.norm(f"{name}_norm")(x)), deterministic=deterministic)
+        if placement == "sandwich":
+            h = self.norm(f"{name}_out_norm")(f(self.norm(f"{name}_norm")(x)))
+            return x + drop(h, deterministic=deterministic)
+        scale = self.alpha if placement == "deepnorm" else 1.0
+        return self.norm(f"{name}_norm")(scale * x + drop(f(x), deterministic=deterministic))
+
+    def attention(self, name, **kwargs):
+        cfg = self.config
+        init, scaled = _inits(cfg, self.beta)
+        return MultiHeadAttention(
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, attention=cfg.attention,
+            dropout_rate=cfg.attention_dropout, use_bias=cfg.use_bias, rope_base=cfg.rope_base,
+            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, kernel_init=init,
+            value_init=scaled, out_init=scaled, name=name, **kwargs)
+
+    def mlp(self):
+        return FeedForward(self.config, kernel_init=_inits(self.config, self.beta)[1], name="mlp")
+
+
+class EncoderBlock(_ResidualBlock):
+    """Bidirectional self-attention + feed-forward. mask: bool broadcastable to
+    `[..., heads, seq, seq]` (usually a key padding mask `[..., 1, 1, seq]`)."""
+
+    @nn.compact
+    def __call__(self, x, mask=None, *, deterministic=True, sow_weights=False, **kernel_kwargs):
+        attn = self.attention("attention", position=self.config.position)
+        x = self.residual("attention", x, lambda h: attn(
+            h, mask=mask, deterministic=deterministic, sow_weights=sow_weights, **kernel_kwargs),
+            deterministic)
+        return self.residual("mlp", x, self.mlp(), deterministic)
+
+
+class DecoderBlock(_ResidualBlock):
+    """Masked (causal) self-attention, optional cross-attention (queries from the
+    decoder, keys/values from the encoder output `memory [..., src, d_model]`), and
+    feed-forward."""
+    cross_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x, memory=None, *, mask=None, memory_mask=None, deterministic=True,
+                 decode=False, sow_weights=False):
+        cfg = self.config
+        self_attn = self.attention("self_attention", position=cfg.position)
+        x = self.residual("self_attention", x, lambda h: self_attn(
+            h, mask=mask, causal=True, deterministic=deterministic, decode=decode,
+            sow_weights=sow_weights), deterministic)
+        if self.cross_attention:
+            if memory is None:
+                raise ValueError("DecoderBlock(cross_attention=True) needs the encoder output `memory`")
+            if memory.shape[-1] != cfg.d_model:
+                raise ValueError(f"cross-attention memory has width {memory.shape[-1]} "
+                                 f"(shape {tuple(memory.shape)}) but d_model={cfg.d_model}")
+            cross = self.attention("cross_attention")
+            x = self.residual("cross_attention", x, lambda h: cross(
+                h, memory, mask=memory_mask, deterministic=deterministic, sow_weights=sow_weights),
+                deterministic)
+        return self.residual("mlp", x, self.mlp(), deterministic)
+

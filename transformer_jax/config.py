@@ -1,0 +1,122 @@
+"""The architecture config shared by blocks and models.
+
+One frozen dataclass; model families subclass it (`models/configs.py`) and name
+presets there. Every field says why it exists. Validation happens at
+construction, so a bad value fails where it enters, naming field and valid values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from transformer_jax.attention import registry
+from transformer_jax.attention.config import AttentionConfig
+from transformer_jax.positional import POSITION_KINDS
+
+NORM_PLACEMENTS = ("post", "pre", "sandwich", "deepnorm")
+NORM_TYPES = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+EMBED_COMBINE = ("add", "concat")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _choice(name: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _probability(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = 1000
+    d_model: int = 128
+    num_heads: int = 2
+    # Key/value heads: None = num_heads (MHA); 1 = multi-query (Shazeer 2019,
+    # arXiv 1911.02150); in between = grouped-query (Ainslie et al. 2023).
+    num_kv_heads: int | None = None
+    num_layers: int = 2
+    d_ff: int = 512
+    max_len: int = 128
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation: str = "gelu"
+    # post: Vaswani et al. 2017 / BERT; pre: GPT-2 / Xiong et al. 2020 (arXiv
+    # 2002.04745); sandwich: Ding et al. 2021 (arXiv 2105.13290); deepnorm: Wang
+    # et al. 2022 (arXiv 2203.00555).
+    norm_placement: str = "post"
+    norm_type: str = "layernorm"
+    layer_norm_eps: float = 1e-12
+    position: str = "learned"
+    # How token and position embeddings meet: "add" (BERT/GPT) or "concat" then
+    # a projection back to d_model (the description this project started from).
+    embed_combine: str = "add"
+    rope_base: float = 10000.0
+    use_bias: bool = True
+    # BERT/GPT-2 initialise weights from N(0, 0.02^2) (Devlin et al. 2018).
+    init_std: float = 0.02
+    # Output projection shares the token embedding matrix (Press & Wolf 2017).
+    tie_embeddings: bool = True
+    attention: AttentionConfig = AttentionConfig()
+    dtype: str = "float32"         # compute dtype
+    param_dtype: str = "float32"   # storage dtype of parameters (master weights)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
+            _positive(name, getattr(self, name))
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if self.num_kv_heads is not None:
+            _positive("num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(f"num_heads={self.num_heads} must be divisible by "
+                                 f"num_kv_heads={self.num_kv_heads}")
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        _choice("norm_type", self.norm_type, NORM_TYPES)
+        _choice("position", self.position, POSITION_KINDS)
+        _choice("embed_combine", self.embed_combine, EMBED_COMBINE)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("param_dtype", self.param_dtype, DTYPES)
+        _probability("dropout", self.dropout)
+        _probability("attention_dropout", self.attention_dropout)
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position='rope' needs an even head_dim, got {self.head_dim}")
+        if self.embed_combine == "concat" and self.position not in ("learned", "sinusoidal"):
+            raise ValueError(f"embed_combine='concat' needs position 'learned' or 'sinusoidal', "
+                             f"got position={self.position!r}")
+        if not isinstance(self.attention, AttentionConfig):
+            raise ValueError(f"attention={self.attention!r} must be an AttentionConfig")
+        registry.validate(self.attention, causal=self.causal, position=self.position,
+                          attention_dropout=self.attention_dropout)
+
+    # Subclasses override: whether self-attention in the main stack is causal.
+    causal = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kwargs):
+        """Copy with fields changed; `attention=` may be a dict of AttentionConfig fields."""
+        if isinstance(kwargs.get("attention"), dict):
+            kwargs["attention"] = self.attention.replace(**kwargs["attention"])
+        return dataclasses.replace(self, **kwargs)

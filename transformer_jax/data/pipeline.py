@@ -1,0 +1,43 @@
+"""One call from corpus to (tokenizer, train dataset, validation dataset)."""
+
+from __future__ import annotations
+
+import os
+
+from transformer_jax.data.bert import BertDataConfig, BertDataset
+from transformer_jax.data.corpus import Corpus, load_corpus, split_corpus
+from transformer_jax.data.gpt import GPTDataConfig, GPTDataset
+from transformer_jax.data.seq2seq import Seq2SeqDataConfig, Seq2SeqDataset
+from transformer_jax.data.tokenizer import Tokenizer, train_tokenizer
+
+# task -> (dataset class, config class, tokenizer kind)
+TASKS = {
+    "bert": (BertDataset, BertDataConfig, "wordpiece"),
+    "gpt": (GPTDataset, GPTDataConfig, "bpe"),
+    "seq2seq": (Seq2SeqDataset, Seq2SeqDataConfig, "bpe"),
+}
+
+
+def make_datasets(task: str, corpus: Corpus | str | os.PathLike | None = None,
+                  config=None, vocab_size: int = 4000,
+                  tokenizer: Tokenizer | None = None, validation_fraction: float = 0.05,
+                  split_seed: int = 0, model_vocab_size: int | None = None,
+                  cache_dir: str | os.PathLike | None = None):
+    """Returns (tokenizer, train_dataset, validation_dataset) for ``task``.
+
+    ``corpus`` is a Corpus or a ``load_corpus`` source (None = stdlib default).
+    The tokenizer is trained (or loaded from cache) on the training split only,
+    so validation text stays unseen.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not known; valid tasks: {sorted(TASKS)}")
+    dataset_cls, config_cls, kind = TASKS[task]
+    if not isinstance(corpus, Corpus):
+        corpus = load_corpus(corpus)
+    train, valid = split_corpus(corpus, validation_fraction, split_seed)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(train, kind, vocab_size, cache_dir=cache_dir)
+    config = config_cls() if config is None else config
+    return (tokenizer,
+            dataset_cls.from_tokenizer(train, tokenizer, config, model_vocab_size),
+            dataset_cls.from_tokenizer(valid, tokenizer, config, model_vocab_size))

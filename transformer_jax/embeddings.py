@@ -1,0 +1,74 @@
+"""Input embeddings: tokens, token types (segments) and absolute positions.
+
+RoPE and ALiBi act inside attention (`positional.py`), so for those the
+embedding is the token embedding alone.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from transformer_jax import positional
+from transformer_jax.config import TransformerConfig
+from transformer_jax.normalization import make_norm
+
+
+class Embeddings(nn.Module):
+    """token ids `[..., seq]` -> `[..., seq, d_model]`.
+
+    The token table is exposed as `self.token` (an `nn.Embed`) so that models can
+    tie the output projection to it with `token.attend` (Press & Wolf 2017,
+    arXiv 1608.05859).
+    """
+    config: TransformerConfig
+    type_vocab_size: int = 0   # BERT segment embeddings; 0 = none
+    use_norm: bool = False     # BERT normalises the summed embeddings
+
+    def setup(self):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.init_std)
+        self.token = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init,
+                              dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        if cfg.position == "learned":
+            pos_dim = cfg.d_model
+            self.position = nn.Embed(cfg.max_len, pos_dim, embedding_init=init,
+                                     dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        if self.type_vocab_size:
+            self.token_type = nn.Embed(self.type_vocab_size, cfg.d_model, embedding_init=init,
+                                       dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        if cfg.embed_combine == "concat":
+            # [token ; position] (2 d_model) -> d_model.
+            self.combine = nn.Dense(cfg.d_model, kernel_init=init, dtype=cfg.compute_dtype,
+                                    param_dtype=cfg.params_dtype)
+        if self.use_norm:
+            self.norm = make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.compute_dtype,
+                                  cfg.params_dtype, "norm")
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def position_vectors(self, positions):
+        cfg = self.config
+        if cfg.position == "learned":
+            return self.position(positions)
+        table = positional.sinusoidal_table(cfg.max_len, cfg.d_model)
+        return table[positions].astype(cfg.compute_dtype)
+
+    def __call__(self, input_ids, token_type_ids=None, positions=None, *, deterministic=True):
+        cfg = self.config
+        seq = input_ids.shape[-1]
+        if positions is None:
+            positions = jnp.arange(seq)
+        x = self.token(input_ids)
+        if cfg.position in ("learned", "sinusoidal"):
+            pos = jnp.broadcast_to(self.position_vectors(positions), x.shape)
+            x = self.combine(jnp.concatenate([x, pos], -1)) if cfg.embed_combine == "concat" else x + pos
+        if self.type_vocab_size:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        if self.use_norm:
+            x = self.norm(x)
+        return self.dropout(x, deterministic=deterministic)
+
+    def attend(self, x):
+        """Tied output projection: `[..., d_model]` -> logits `[..., vocab]`."""
+        return self.token.attend(x)

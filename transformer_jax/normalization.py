@@ -1,0 +1,50 @@
+"""Normalization layers, residual placements and DeepNorm constants.
+
+A residual sub-layer f (attention or feed-forward) with input x is combined as
+  post:      LN(x + f(x))                      Vaswani et al. 2017; BERT
+  pre:       x + f(LN(x))                      GPT-2; Xiong et al. 2020 (2002.04745)
+  sandwich:  x + LN_out(f(LN(x)))              Ding et al. 2021 (CogView, 2105.13290)
+  deepnorm:  LN(alpha * x + f(x))              Wang et al. 2022 (DeepNet, 2203.00555)
+pre and sandwich stacks end with one more LN; post and deepnorm do not need it.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+
+
+def make_norm(norm_type: str, eps: float, dtype, param_dtype, name: str) -> nn.Module:
+    """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467).
+    Flax computes both norms' statistics in float32 for half-precision inputs."""
+    if norm_type == "rmsnorm":
+        return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def has_final_norm(placement: str) -> bool:
+    return placement in ("pre", "sandwich")
+
+
+def deepnorm_constants(arch: str, num_encoder_layers: int = 0, num_decoder_layers: int = 0):
+    """(alpha, beta) per stack from DeepNet Table 1 / Fig. 2 (Wang et al. 2022):
+      encoder-only (N layers):  alpha = (2N)^(1/4),  beta = (8N)^(-1/4)
+      decoder-only (M layers):  alpha = (2M)^(1/4),  beta = (8M)^(-1/4)
+      encoder-decoder:          encoder alpha = 0.81 (N^4 M)^(1/16), beta = 0.87 (N^4 M)^(-1/16)
+                                decoder alpha = (3M)^(1/4),          beta = (12M)^(-1/4)
+    Returns {"encoder": (alpha, beta), "decoder": (alpha, beta)} for the stacks present."""
+    n, m = num_encoder_layers, num_decoder_layers
+    if arch == "encoder":
+        return {"encoder": ((2 * n) ** 0.25, (8 * n) ** -0.25)}
+    if arch == "decoder":
+        return {"decoder": ((2 * m) ** 0.25, (8 * m) ** -0.25)}
+    if arch == "encoder_decoder":
+        base = (n ** 4 * m) ** (1 / 16)
+        return {"encoder": (0.81 * base, 0.87 / base),
+                "decoder": ((3 * m) ** 0.25, (12 * m) ** -0.25)}
+    raise ValueError(f"arch={arch!r} must be 'encoder', 'decoder' or 'encoder_decoder'")
+
+
+def xavier_normal(gain: float = 1.0):
+    """Glorot & Bengio 2010 normal init with a gain; DeepNorm scales W_v, W_o and the
+    feed-forward weights by gain=beta."""
+    return nn.initializers.variance_scaling(gain ** 2, "fan_avg", "normal")
+

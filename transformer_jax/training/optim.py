@@ -1,0 +1,72 @@
+"""AdamW with a weight-decay mask, global-norm clipping and gradient accumulation.
+
+Decoupled weight decay (Loshchilov & Hutter 2019, arXiv 1711.05101) applies to
+matrices only. Following BERT's and GPT-2's reference code, biases and the
+LayerNorm/RMSNorm scales and shifts are not decayed: shrinking a norm scale towards 0
+switches the layer off rather than regularising it, and biases add no capacity
+worth penalising. Embedding tables are decayed by default, as in BERT (which
+excludes only LayerNorm and bias) and nanoGPT; `decay_embeddings=False` exempts
+them as minGPT does (its "blacklist" of nn.Embedding).
+
+Parameters stay in `param_dtype` (float32: the master weights) whatever the
+compute dtype; Adam's moments match them, so bfloat16 compute needs no loss scaling.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.traverse_util as traverse_util
+import optax
+
+NORM_SCALES = ("scale",)            # nn.LayerNorm / nn.RMSNorm parameter names
+NO_DECAY_LEAVES = ("bias",) + NORM_SCALES
+EMBEDDING_LEAVES = ("embedding",)   # nn.Embed
+
+
+def _is_norm_path(path: tuple[str, ...]) -> bool:
+    # A norm's shift is called "bias" and is caught by name; its module name
+    # ("final_norm", "mlp_norm", "norm", ...) is checked too so a norm with other
+    # parameter names is not silently decayed.
+    return any(part == "norm" or part.endswith("_norm") for part in path[:-1])
+
+
+def decay_mask(params, decay_embeddings: bool = True):
+    """Tree of bools like `params`: True where AdamW applies weight decay."""
+    def decays(path: tuple[str, ...]) -> bool:
+        leaf = path[-1]
+        if leaf in NO_DECAY_LEAVES or _is_norm_path(path):
+            return False
+        return decay_embeddings or leaf not in EMBEDDING_LEAVES
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: decays(tuple(map(str, path))) for path in flat})
+
+
+def make_optimizer(learning_rate: float | optax.Schedule, *, weight_decay: float = 0.01,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   clip_norm: float | None = 1.0, accumulation_steps: int = 1,
+                   decay_embeddings: bool = True) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW(masked decay), accumulated over `accumulation_steps`
+    calls by `optax.MultiSteps` (the mean gradient of k micro-batches is applied on the
+    k-th call; the schedule then counts optimizer updates, not micro-batches)."""
+    for name, value, ok in (("weight_decay", weight_decay, weight_decay >= 0),
+                            ("b1", b1, 0 <= b1 < 1), ("b2", b2, 0 <= b2 < 1), ("eps", eps, eps >= 0)):
+        if not ok or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is out of range")
+    if clip_norm is not None and not (clip_norm > 0 and math.isfinite(clip_norm)):
+        raise ValueError(f"clip_norm={clip_norm!r} must be a positive number or None (no clipping)")
+    if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps={accumulation_steps!r} must be a positive integer")
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                        mask=lambda params: decay_mask(params, decay_embeddings))
+    tx = adamw if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+    if accumulation_steps == 1:
+        return tx
+    return optax.MultiSteps(tx, every_k_schedule=accumulation_steps).gradient_transformation()
+
+
+def learning_rate_fn(learning_rate: float | optax.Schedule,
+                     accumulation_steps: int = 1) -> Callable[[Any], Any]:
+    """micro-step -> the learning rate of the optimizer update that step contributes to."""
+    schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
+    return lambda step: schedule(step // accumulation_steps)

@@ -1,0 +1,73 @@
+"""The train state: step, fp32 master parameters, optimizer state and a dropout key.
+
+`TrainState` extends Flax's with `rng` (raw uint32 key data, so checkpoints
+and `jax.vmap` over seeds treat it as an ordinary array) and `lr_fn` (static:
+micro-step -> learning rate, for logging). The dropout key of step s is
+`fold_in(rng, s)`, so a resumed run draws the same masks as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct as struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from transformer_jax.config import TransformerConfig
+from transformer_jax.models import build
+from transformer_jax.training.tasks import TASKS, task_for_config
+
+
+class TrainState(train_state.TrainState):
+    rng: jax.Array                                 # uint32[2] dropout key data
+    lr_fn: Callable[[Any], Any] | None = struct.field(pytree_node=False, default=None)
+
+
+def _key_data(rng) -> jax.Array:
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return jnp.asarray(rng, jnp.uint32)
+
+
+def init_params(config: TransformerConfig, rng, *, task: str | None = None,
+                seq_len: int | None = None):
+    """Fresh parameters of `models.build(config)`, initialised from `rng`.
+
+    Shapes do not depend on the example batch, but some attention kernels check
+    sequence lengths at trace time, so the example uses max_len unless told."""
+    model, init = _jitted_init(config, task or task_for_config(config), seq_len or config.max_len)
+    return init(rng)["params"], model
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: TransformerConfig, task: str, seq_len: int):
+    # Cached so that building several states of one model compiles init once.
+    batch = TASKS[task].example_batch(config, 1, seq_len)
+    args, kwargs = TASKS[task].inputs(batch)
+    model = build(config)
+    return model, jax.jit(lambda key: model.init(key, *args, **kwargs, deterministic=True))
+
+
+def create_train_state(config: TransformerConfig, tx: optax.GradientTransformation, rng, *,
+                       task: str | None = None, lr_fn: Callable | None = None,
+                       params: Any = None) -> TrainState:
+    """Initialise a TrainState from a seed key (typed or raw). Parameters keep the
+    config's param_dtype (float32 = master weights) even when `config.dtype` is bfloat16."""
+    params_key, dropout_key = jax.random.split(rng)
+    new_params, model = init_params(config, params_key, task=task)
+    params = new_params if params is None else params
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                              rng=_key_data(dropout_key), lr_fn=lr_fn)
+    # An int32 array, not Python's 0, so the first and later steps share one compilation.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def abstract_train_state(config: TransformerConfig, tx: optax.GradientTransformation, *,
+                         task: str | None = None, lr_fn: Callable | None = None) -> TrainState:
+    """The TrainState's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), without
+    allocating: a restore target for checkpoints."""
+    return jax.eval_shape(lambda key: create_train_state(config, tx, key, task=task, lr_fn=lr_fn),
+                          jax.random.PRNGKey(0))

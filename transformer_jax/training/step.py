@@ -1,0 +1,121 @@
+"""The train and eval steps: pure functions of (state, batch), jitted by the factories.
+
+    train_step = compute_grads -> [lax.pmean over devices, in a parallel step] -> apply_grads
+
+Nothing here reads Python state, so `jax.vmap(partial(train_step, task=t))` runs
+a stack of states (seeds) at once and a data-parallel step can insert its
+all-reduce between the two halves.
+
+A non-finite loss, gradient or update leaves the whole state as it was (params,
+optimizer moments, gradient accumulator and step) and reports `finite = 0`:
+the last good state stays intact for a checkpoint, and a run that goes on after
+a skipped batch sees the same learning rate and dropout key for its next one.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from transformer_jax.training.metrics import global_norm, grouped_norms
+from transformer_jax.training.state import TrainState
+from transformer_jax.training.tasks import Task, get_task
+
+Batch = Mapping[str, Any]
+
+
+def _resolve(task: Task | str) -> Task:
+    return get_task(task) if isinstance(task, str) else task
+
+
+def _forward(apply_fn, params, batch, task: Task, *, deterministic: bool, rng=None) -> dict:
+    task.check_batch(batch)
+    args, kwargs = task.inputs(batch)
+    rngs = None if rng is None else {"dropout": rng}
+    outputs = apply_fn({"params": params}, *args, **kwargs, deterministic=deterministic, rngs=rngs)
+    return task.loss(outputs, batch, task)
+
+
+def compute_grads(apply_fn: Callable, params, batch: Batch, rng, task: Task | str):
+    """-> (loss, task metrics, grads): the loss with dropout on, and d loss / d params
+    (float32 like the master parameters, whatever the compute dtype)."""
+    task = _resolve(task)
+
+    def loss_fn(p):
+        metrics = _forward(apply_fn, p, batch, task, deterministic=False, rng=rng)
+        return metrics["loss"], metrics
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, grads
+
+
+def _select(pred, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def apply_grads(state: TrainState, grads, loss=None) -> tuple[TrainState, dict]:
+    """One optimizer update, skipped when the loss, gradient or update is not finite.
+    -> (new state, {grad_norm, update_norm, param_norm, finite, [lr], per-layer norms})."""
+    grad_norm = global_norm(grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    update_norm = global_norm(updates)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    if loss is not None:
+        finite &= jnp.isfinite(loss)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+    new = _select(finite, new, state)
+    metrics = {"grad_norm": grad_norm, "update_norm": update_norm,
+               "param_norm": global_norm(new.params), "finite": finite.astype(jnp.float32)}
+    if state.lr_fn is not None:
+        metrics["lr"] = jnp.asarray(state.lr_fn(state.step), jnp.float32)
+    metrics.update({f"grad_norm/{k}": v for k, v in grouped_norms(grads).items()})
+    metrics.update({f"update_norm/{k}": v for k, v in grouped_norms(updates).items()})
+    return new, metrics
+
+
+def _with_perplexity(metrics: dict) -> dict:
+    out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    out["perplexity"] = jnp.exp(out["nll"])
+    return out
+
+
+def train_step(state: TrainState, batch: Batch, task: Task | str) -> tuple[TrainState, dict]:
+    """One step on one (micro-)batch; the dropout key is fold_in(state.rng, state.step)."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss, metrics, grads = compute_grads(state.apply_fn, state.params, batch, rng, task)
+    state, update_metrics = apply_grads(state, grads, loss)
+    return state, {**_with_perplexity(metrics), **update_metrics}
+
+
+def eval_step(state: TrainState, batch: Batch, task: Task | str) -> dict:
+    """Loss, accuracy, perplexity and `weight` (target count) without dropout."""
+    metrics = _forward(state.apply_fn, state.params, batch, _resolve(task), deterministic=True)
+    return _with_perplexity(metrics)
+
+
+def make_train_step(task: Task | str, *, donate: bool = True) -> Callable:
+    """jit(train_step) for `task`; the state argument is donated (its buffers are
+    reused for the new state, so the caller must not touch the old one)."""
+    return jax.jit(functools.partial(train_step, task=_resolve(task)),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(task: Task | str) -> Callable:
+    return jax.jit(functools.partial(eval_step, task=_resolve(task)))
+
+
+def mean_metrics(metrics_list: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Host-side average of per-batch eval metrics, weighted by each batch's `weight`
+    (so every target token counts once); perplexity is exp of the mean nll."""
+    if not metrics_list:
+        raise ValueError("metrics_list is empty; evaluate at least one batch")
+    weights = [float(m["weight"]) for m in metrics_list]
+    total = max(sum(weights), 1e-8)
+    keys = [k for k in metrics_list[0] if k not in ("weight", "perplexity")]
+    out = {k: sum(float(m[k]) * w for m, w in zip(metrics_list, weights)) / total for k in keys}
+    out["weight"] = sum(weights)
+    out["perplexity"] = float(jnp.exp(out["nll"]))
+    return out
