@@ -6,6 +6,7 @@ loop implementation in `reference.py`; gradients are compared with the dense
 `xla` kernel under the same mask. Shapes are small and lengths are not multiples
 of the block/chunk, so internal padding is exercised everywhere.
 """
+import functools
 import math
 
 import jax
@@ -32,10 +33,10 @@ VALID_LEN = np.array([N, 29])    # second sequence padded
 
 
 def _qkv(seed=0, n=N, scale=1.0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = scale * jax.random.normal(ks[0], (B, n, H, D))
-    k = scale * jax.random.normal(ks[1], (B, n, KV, D))
-    v = jax.random.normal(ks[2], (B, n, KV, D))
+    rng = np.random.default_rng(seed)  # numpy: no jax.random program to compile per shape
+    q = scale * rng.standard_normal((B, n, H, D), np.float32)
+    k = scale * rng.standard_normal((B, n, KV, D), np.float32)
+    v = rng.standard_normal((B, n, KV, D), np.float32)
     return q, k, v
 
 
@@ -79,21 +80,27 @@ def bigbird_dense(n, block, num_global, rand, causal):
 
 
 def _out_and_grads(fn, q, k, v, ct):
-    """fn's output and the gradient of sum(out * ct) w.r.t. q, k, v, in one compilation."""
+    """fn's output and the gradient of sum(out * ct) w.r.t. q, k, v."""
     f = lambda q, k, v: (lambda out: (jnp.sum(out * ct), out))(fn(q, k, v))
-    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
     return out, grads
+
+
+@jax.jit
+def _dense_out_and_grads(q, k, v, mask, ct):
+    """Full attention under an explicit `[B, H, N, N]` mask: compiled once for every test."""
+    return _out_and_grads(lambda q, k, v: functional.dot_product_attention(q, k, v, mask=mask),
+                          q, k, v, ct)
 
 
 def _check_against_dense(fn, dense_mask, seed):
     """fn(q, k, v) -> out must equal masked full attention, forward and gradients, to 1e-5."""
     q, k, v = _qkv(seed)
-    mask = np.asarray(_key_mask()) & dense_mask
-    ct = jax.random.normal(jax.random.PRNGKey(seed + 7), q.shape)
-    out, got = _out_and_grads(fn, q, k, v, ct)
+    mask = np.broadcast_to(np.asarray(_key_mask()) & dense_mask, (B, H, N, N))
+    ct = np.random.default_rng(seed + 7).standard_normal(q.shape, np.float32)
+    out, got = jax.jit(functools.partial(_out_and_grads, fn))(q, k, v, ct)
     np.testing.assert_allclose(out, reference.attention(q, k, v, mask=mask), atol=1e-5, rtol=1e-5)
-    dense = lambda q, k, v: functional.dot_product_attention(q, k, v, mask=mask)
-    _, want = _out_and_grads(dense, q, k, v, ct)
+    _, want = _dense_out_and_grads(q, k, v, mask, ct)
     for g, w in zip(got, want):
         assert float(jnp.abs(w).max()) > 1e-3  # the gradient is not trivially zero
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
@@ -113,11 +120,13 @@ def test_chunked_takes_query_masks_bias_and_empty_rows():
     """Cached decoding passes a query-dependent mask over the cache; ALiBi passes a bias."""
     q, k, v = _qkv(2)
     q = q[:, :5]
-    mask = np.array(jax.random.bernoulli(jax.random.PRNGKey(4), 0.7, (B, 1, 5, N)))
+    rng = np.random.default_rng(4)
+    mask = rng.random((B, 1, 5, N)) < 0.7
     mask[0, 0, 2] = False  # a query that may attend to nothing gives zeros, as the reference
-    bias = jax.random.normal(jax.random.PRNGKey(5), (H, 5, N))
-    out = jax.jit(lambda *a: chunked_attention(*a, query_chunk=2, key_chunk=16))(q, k, v, mask, bias)
-    want = reference.attention(q, k, v, mask=mask, bias=np.asarray(bias))
+    bias = rng.standard_normal((H, 5, N), np.float32)
+    out = jax.jit(lambda q, k, v, m, b: chunked_attention(q, k, v, mask=m, bias=b, query_chunk=2,
+                                                         key_chunk=16))(q, k, v, mask, bias)
+    want = reference.attention(q, k, v, mask=mask, bias=bias)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
     assert float(jnp.abs(out[0, 2]).max()) == 0.0
 
@@ -251,14 +260,20 @@ SMALL_ATTN = dict(query_chunk=16, key_chunk=16, window=8, block_size=8, num_rand
                   linformer_k=8, linformer_max_len=48, num_features=32, linear_chunk=8)
 
 
-def _train(model, args, kwargs, loss_fn, steps=6):
-    """Initialises and takes `steps` Adam steps on one batch, all in one jitted program
-    (one compilation per variant). Returns the final params and the loss per step."""
+@functools.lru_cache(maxsize=None)
+def _init(model, n):
+    """Parameters of a tiny model, shared by the variants whose parameter trees agree
+    (models are hashable dataclasses). An "rbg" key compiles faster than threefry."""
+    ids = jnp.zeros((2, n), jnp.int32)
+    return jax.jit(model.init)(jax.random.key(0, impl="rbg"), ids)["params"]
+
+
+def _train(model, params, args, kwargs, loss_fn, steps=6):
+    """`steps` Adam steps on one batch in one jitted program (one compilation per
+    variant). Returns the loss and the gradients at every step."""
     opt = optax.adam(3e-3)
 
-    def run():
-        params = model.init(jax.random.PRNGKey(0), *args, **kwargs)["params"]
-
+    def run(params):
         def step(carry, _):
             params, opt_state = carry
             loss = lambda p: loss_fn(model.apply({"params": p}, *args, **kwargs))
@@ -266,10 +281,10 @@ def _train(model, args, kwargs, loss_fn, steps=6):
             updates, opt_state = opt.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), (value, grads)
 
-        (params, _), (losses, grads) = jax.lax.scan(step, (params, opt.init(params)), None, steps)
-        return params, losses, grads
+        _, (losses, grads) = jax.lax.scan(step, (params, opt.init(params)), None, steps)
+        return losses, grads
 
-    return jax.jit(run)()
+    return jax.jit(run)(params)
 
 
 @pytest.mark.parametrize("kind,family", [
@@ -277,22 +292,25 @@ def _train(model, args, kwargs, loss_fn, steps=6):
     ("linformer", "bert"), ("linear", "gpt"), ("performer", "gpt")])
 def test_variant_trains_a_tiny_model(kind, family):
     n = 40
-    ids = jax.random.randint(jax.random.PRNGKey(7), (2, n), 0, TINY["vocab_size"])
+    ids = np.random.default_rng(7).integers(0, TINY["vocab_size"], (2, n))
     valid = jnp.arange(n)[None] < jnp.array([[n], [33]])
     onehot = jax.nn.one_hot(ids, TINY["vocab_size"])
     attn = dict(SMALL_ATTN, kind=kind)
     kwargs = dict(attention_mask=valid)
+    init_attn = attn if kind == "linformer" else dict(kind="xla")  # same tree, shared init
     if family == "gpt":
         model = GPT(get_config("gpt-tiny", **TINY, attention=attn))
+        params = _init(GPT(get_config("gpt-tiny", **TINY, attention=init_attn)), n)
         loss_fn = lambda logits: -jnp.mean(
             jnp.sum(jax.nn.log_softmax(logits[:, :-1]) * onehot[:, 1:], -1) * valid[:, 1:])
     else:
         model = BertForPreTraining(get_config("bert-tiny", **TINY, attention=attn))
+        params = _init(BertForPreTraining(get_config("bert-tiny", **TINY, attention=init_attn)), n)
         if kind == "longformer":  # per-token global flags reach the kernel through the model
             kwargs["global_mask"] = jnp.arange(n)[None] % 13 == 5
         loss_fn = lambda out: -jnp.mean(
             jnp.sum(jax.nn.log_softmax(out["mlm_logits"]) * onehot, -1) * valid)
-    params, losses, grads = _train(model, (ids,), kwargs, loss_fn)
+    losses, grads = _train(model, params, (ids,), kwargs, loss_fn)
     losses = np.asarray(losses)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05, losses
     if kind == "linformer":  # its projections are parameters that receive gradients

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 pytest.importorskip("safetensors")
 
@@ -52,15 +54,14 @@ def _perturb_torch(torch, model, scale=0.05):
     return model.eval()
 
 
-def _perturbed_init(model, ids, seed=0, scale=0.05):
-    @jax.jit  # one compilation instead of one per op
-    def init(key):
-        params = model.init(key, jnp.asarray(ids))["params"]
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-        return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape)
-                                         for x, k in zip(leaves, keys)])
-    return init(jax.random.PRNGKey(seed))
+def _perturbed_init(model, ids, seed=0):
+    """Random parameters drawn with numpy from the shapes of `model.init` (no XLA
+    compilation of an initialiser): LayerNorm scales 1 + N(0, 0.1^2), the rest N(0, 0.1^2)."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.asarray(ids))["params"]
+    rng = np.random.default_rng(seed)
+    flat = flatten_dict(shapes)
+    return unflatten_dict({path: jnp.asarray((path[-1] == "scale") + 0.1 * rng.standard_normal(s.shape),
+                                             s.dtype) for path, s in flat.items()})
 
 
 def _apply(model, params, *args, **kwargs):
@@ -120,6 +121,12 @@ def test_minilm_similarities_rank_related_sentences_first(minilm):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
     sims = emb @ emb.T
     assert sims[0, 1] > 0.7 > 0.2 > sims[0, 2]
+
+
+def test_contextual_embeddings_demo_separates_word_senses():
+    _minilm_dir()
+    from experiments import contextual_embeddings as demo
+    assert demo.main() == 0  # exits 1 unless company "apple" is nearer company "apple"
 
 
 def test_vocab_txt_tokenizer_matches_tokenizer_json(tmp_path):
@@ -259,10 +266,14 @@ def _pytorch_outputs(torch, transformers, directory, kind, ids, mask, types):
         out = reference(input_ids=t(ids), attention_mask=t(mask), token_type_ids=t(types))
     if kind == "pretraining":
         return {"mlm_logits": out.prediction_logits.numpy(), "nsp_logits": out.seq_relationship_logits.numpy()}
+    if kind == "sentence":  # sentence-transformers: mean over real tokens, then L2
+        m = mask[..., None]
+        pooled = (out.last_hidden_state.numpy() * m).sum(1) / m.sum(1)
+        return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
     return out.logits.numpy()
 
 
-@pytest.mark.parametrize("kind", ["gpt", "pretraining", "mlm"])
+@pytest.mark.parametrize("kind", ["gpt", "pretraining", "mlm", "sentence"])
 def test_export_loads_in_pytorch_with_the_same_logits(tmp_path, kind):
     torch, transformers = _torch()
     model = _ours(kind)
@@ -357,6 +368,13 @@ def test_untied_duplicate_of_a_tied_weight_is_refused(gpt_dir):
     _edit_tensors(gpt_dir, add_head)
     with pytest.raises(ValueError, match="lm_head.weight should equal transformer.wte.weight"):
         load_pretrained(gpt_dir)
+
+
+def test_pickle_opt_in_without_torch_says_how_to_install(gpt_dir, monkeypatch):
+    (gpt_dir / "model.safetensors").rename(gpt_dir / "pytorch_model.bin")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+    with pytest.raises(ImportError, match="allow_pickle=True needs torch"):
+        load_pretrained(gpt_dir, allow_pickle=True)
 
 
 def test_pickle_is_refused_without_opt_in(gpt_dir):

@@ -11,6 +11,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
+from transformer_jax import partitioning as logical
 from transformer_jax.attention import MultiHeadAttention
 from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import make_norm, xavier_normal
@@ -40,14 +41,21 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda n, name: nn.Dense(n, use_bias=cfg.use_bias, kernel_init=self.kernel_init,
-                                         dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                                         name=name)
+
+        def dense(n, name, names):  # names: the kernel's logical axes
+            return nn.Dense(n, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.params_dtype, name=name,
+                            kernel_init=logical.param_init(self.kernel_init, names,
+                                                           cfg.logical_partitioning),
+                            bias_init=logical.param_init(nn.initializers.zeros, names[-1:],
+                                                         cfg.logical_partitioning))
+        up = lambda name: dense(cfg.d_ff, name, logical.UP_KERNEL)(x)
         if cfg.activation == "swiglu":
-            h = jax.nn.silu(dense(cfg.d_ff, "gate")(x)) * dense(cfg.d_ff, "up")(x)
+            h = jax.nn.silu(up("gate")) * up("up")
         else:
-            h = ACTIVATION_FNS[cfg.activation](dense(cfg.d_ff, "up")(x))
-        return dense(cfg.d_model, "down")(h)
+            h = ACTIVATION_FNS[cfg.activation](up("up"))
+        h = logical.constrain(h, logical.MLP_HIDDEN)
+        return dense(cfg.d_model, "down", logical.DOWN_KERNEL)(h)
 
 
 class _ResidualBlock(nn.Module):
@@ -79,7 +87,8 @@ class _ResidualBlock(nn.Module):
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, attention=cfg.attention,
             dropout_rate=cfg.attention_dropout, use_bias=cfg.use_bias, rope_base=cfg.rope_base,
             dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, kernel_init=init,
-            value_init=scaled, out_init=scaled, name=name, **kwargs)
+            value_init=scaled, out_init=scaled, logical_partitioning=cfg.logical_partitioning,
+            name=name, **kwargs)
 
     def mlp(self):
         return FeedForward(self.config, kernel_init=_inits(self.config, self.beta)[1], name="mlp")
@@ -95,7 +104,8 @@ class EncoderBlock(_ResidualBlock):
         x = self.residual("attention", x, lambda h: attn(
             h, mask=mask, deterministic=deterministic, sow_weights=sow_weights, **kernel_kwargs),
             deterministic)
-        return self.residual("mlp", x, self.mlp(), deterministic)
+        x = self.residual("mlp", x, self.mlp(), deterministic)
+        return logical.constrain(x, logical.HIDDEN)
 
 
 class DecoderBlock(_ResidualBlock):
@@ -122,5 +132,6 @@ class DecoderBlock(_ResidualBlock):
             x = self.residual("cross_attention", x, lambda h: cross(
                 h, memory, mask=memory_mask, deterministic=deterministic, sow_weights=sow_weights),
                 deterministic)
-        return self.residual("mlp", x, self.mlp(), deterministic)
+        x = self.residual("mlp", x, self.mlp(), deterministic)
+        return logical.constrain(x, logical.HIDDEN)
 

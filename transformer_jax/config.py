@@ -70,6 +70,11 @@ class TransformerConfig:
     attention: AttentionConfig = AttentionConfig()
     dtype: str = "float32"         # compute dtype
     param_dtype: str = "float32"   # storage dtype of parameters (master weights)
+    # Wrap parameter initializers in nn.with_logical_partitioning so that `init`
+    # returns LogicallyPartitioned boxes naming each axis (`partitioning.py`).
+    # Off by default: `model.init` gives plain arrays; the sharded path
+    # (`transformer_jax.parallel`) turns it on only to read partition specs.
+    logical_partitioning: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
@@ -90,6 +95,8 @@ class TransformerConfig:
         _choice("param_dtype", self.param_dtype, DTYPES)
         _probability("dropout", self.dropout)
         _probability("attention_dropout", self.attention_dropout)
+        if not isinstance(self.logical_partitioning, bool):
+            raise ValueError(f"logical_partitioning={self.logical_partitioning!r} must be True or False")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"position='rope' needs an even head_dim, got {self.head_dim}")
         if self.embed_combine == "concat" and self.position not in ("learned", "sinusoidal"):

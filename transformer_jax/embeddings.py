@@ -8,7 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer_jax import positional
+from transformer_jax import partitioning as logical, positional
 from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import make_norm
 
@@ -26,20 +26,26 @@ class Embeddings(nn.Module):
 
     def setup(self):
         cfg = self.config
-        init = nn.initializers.normal(cfg.init_std)
-        self.token = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init,
+        normal = nn.initializers.normal(cfg.init_std)
+        init = lambda names: logical.param_init(normal, names, cfg.logical_partitioning)
+        self.token = nn.Embed(cfg.vocab_size, cfg.d_model,
+                              embedding_init=init((logical.VOCAB, logical.EMBED)),
                               dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if cfg.position == "learned":
             pos_dim = cfg.d_model
-            self.position = nn.Embed(cfg.max_len, pos_dim, embedding_init=init,
+            self.position = nn.Embed(cfg.max_len, pos_dim, embedding_init=init((None, logical.EMBED)),
                                      dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if self.type_vocab_size:
-            self.token_type = nn.Embed(self.type_vocab_size, cfg.d_model, embedding_init=init,
+            self.token_type = nn.Embed(self.type_vocab_size, cfg.d_model,
+                                       embedding_init=init((None, logical.EMBED)),
                                        dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if cfg.embed_combine == "concat":
             # [token ; position] (2 d_model) -> d_model.
-            self.combine = nn.Dense(cfg.d_model, kernel_init=init, dtype=cfg.compute_dtype,
-                                    param_dtype=cfg.params_dtype)
+            self.combine = nn.Dense(
+                cfg.d_model, kernel_init=init((None, logical.EMBED)), dtype=cfg.compute_dtype,
+                bias_init=logical.param_init(nn.initializers.zeros, (logical.EMBED,),
+                                             cfg.logical_partitioning),
+                param_dtype=cfg.params_dtype)
         if self.use_norm:
             self.norm = make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.compute_dtype,
                                   cfg.params_dtype, "norm")
@@ -67,7 +73,7 @@ class Embeddings(nn.Module):
             x = x + self.token_type(token_type_ids)
         if self.use_norm:
             x = self.norm(x)
-        return self.dropout(x, deterministic=deterministic)
+        return logical.constrain(self.dropout(x, deterministic=deterministic), logical.HIDDEN)
 
     def attend(self, x):
         """Tied output projection: `[..., d_model]` -> logits `[..., vocab]`."""

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer_jax import positional
+from transformer_jax import partitioning as logical, positional
 from transformer_jax.attention import functional, masks as masks_lib, registry
 from transformer_jax.attention.config import AttentionConfig
 
@@ -47,10 +47,17 @@ class MultiHeadAttention(nn.Module):
     # Separate init for W_v and W_o: DeepNorm scales exactly those by beta.
     value_init: Initializer | None = None
     out_init: Initializer | None = None
+    # Box parameters with logical axis names (TransformerConfig.logical_partitioning).
+    logical_partitioning: bool = False
 
     def _dense(self, features: int, name: str, init) -> nn.DenseGeneral:
+        """[..., features_in] -> [..., heads, head_dim]."""
+        boxed = self.logical_partitioning
         return nn.DenseGeneral(features, use_bias=self.use_bias, dtype=self.dtype,
-                               param_dtype=self.param_dtype, kernel_init=init, name=name)
+                               param_dtype=self.param_dtype, name=name,
+                               kernel_init=logical.param_init(init, logical.QKV_KERNEL, boxed),
+                               bias_init=logical.param_init(nn.initializers.zeros, logical.QKV_BIAS,
+                                                            boxed))
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, *, mask=None, bias=None, causal: bool = False,
@@ -71,6 +78,7 @@ class MultiHeadAttention(nn.Module):
         q = self._dense((self.num_heads, head_dim), "query", self.kernel_init)(inputs_q)
         k = self._dense((kv_heads, head_dim), "key", self.kernel_init)(inputs_kv)
         v = self._dense((kv_heads, head_dim), "value", self.value_init or self.kernel_init)(inputs_kv)
+        q, k, v = (logical.constrain(t, logical.PER_HEAD) for t in (q, k, v))
 
         q_len = q.shape[-3]
         offset = 0
@@ -97,10 +105,14 @@ class MultiHeadAttention(nn.Module):
             bias = alibi if bias is None else bias + alibi
         out = self._kernel(variant, q, k, v, mask, bias, causal, deterministic, sow_weights,
                            kernel_kwargs)
+        out = logical.constrain(out, logical.PER_HEAD)
         out_features = self.out_features or features
+        boxed = self.logical_partitioning
+        out_init = logical.param_init(self.out_init or self.kernel_init, logical.OUT_KERNEL, boxed)
+        bias_init = logical.param_init(nn.initializers.zeros, (logical.EMBED,), boxed)
         return nn.DenseGeneral(out_features, axis=(-2, -1), use_bias=self.use_bias,
                                dtype=self.dtype, param_dtype=self.param_dtype,
-                               kernel_init=self.out_init or self.kernel_init, name="out")(out)
+                               kernel_init=out_init, bias_init=bias_init, name="out")(out)
 
     def _kernel(self, variant, q, k, v, mask, bias, causal, deterministic, sow_weights, kwargs):
         target = functional.scores_shape(q, k)

@@ -145,6 +145,10 @@ def import_params(layout: Layout, tensors: dict, expected: dict, *, strict: bool
                   source: str) -> tuple[dict, list[str]]:
     """(our flat params {path: array}, unused HF names). Every problem of the file
     is collected and raised together, naming each tensor."""
+    tensors = dict(tensors)
+    for dup, orig in layout.tied:  # some savers keep the duplicate and drop the original
+        if orig not in tensors and dup in tensors:
+            tensors[orig] = tensors[dup]
     covered = {n for e in layout.entries for n in e.hf} | {d for d, _ in layout.tied}
     skipped = [n for n in tensors if any(re.fullmatch(p, n) for p in layout.skip)]
     unused = sorted(n for n in tensors if n not in covered and n not in skipped)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transformer_jax import partitioning as logical
 from transformer_jax.blocks import ACTIVATION_FNS
 from transformer_jax.embeddings import Embeddings
 from transformer_jax.models.common import check_length, key_padding_mask
@@ -17,7 +18,11 @@ from transformer_jax.stacks import Encoder
 
 
 def _dense(cfg, features, name, **kw):
-    return nn.Dense(features, kernel_init=nn.initializers.normal(cfg.init_std),
+    # [d_model, features]: sharded over the input width only (heads are small).
+    kernel_init = logical.param_init(nn.initializers.normal(cfg.init_std), (logical.EMBED, None),
+                                     cfg.logical_partitioning)
+    bias_init = logical.param_init(nn.initializers.zeros, (None,), cfg.logical_partitioning)
+    return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init,
                     dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name, **kw)
 
 
@@ -58,7 +63,9 @@ class MLMHead(nn.Module):
         cfg = self.config
         x = ACTIVATION_FNS.get(cfg.activation, ACTIVATION_FNS["gelu"])(_dense(cfg, cfg.d_model, "transform")(x))
         x = make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype, "norm")(x)
-        bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), cfg.params_dtype)
+        bias = self.param("bias", logical.param_init(nn.initializers.zeros, (logical.VOCAB,),
+                                                     cfg.logical_partitioning),
+                          (cfg.vocab_size,), cfg.params_dtype)
         return embeddings.attend(x) + bias.astype(cfg.compute_dtype)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transformer_jax import partitioning as logical
 from transformer_jax.embeddings import Embeddings
 from transformer_jax.models.common import check_length, key_padding_mask
 from transformer_jax.models.configs import GPTConfig
@@ -48,4 +49,7 @@ class GPT(nn.Module):
             return embeddings.attend(x)
         return nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                         param_dtype=cfg.params_dtype,
-                        kernel_init=nn.initializers.normal(cfg.init_std), name="lm_head")(x)
+                        kernel_init=logical.param_init(nn.initializers.normal(cfg.init_std),
+                                                       (logical.EMBED, logical.VOCAB),
+                                                       cfg.logical_partitioning),
+                        name="lm_head")(x)

@@ -71,7 +71,7 @@ def _manager(directory: str, **options) -> ocp.CheckpointManager:
 
 
 class Checkpointer:
-    """Saves every `save_interval_steps` steps (or when forced) and keeps the newest
+    """Saves at steps divisible by `save_interval_steps` (or when forced), keeps the newest
     `max_to_keep`. Use as a context manager, or call `close()`."""
 
     def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int = 1,
@@ -83,8 +83,11 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         if read_only and not os.path.isdir(self.directory):
             raise ValueError(f"checkpoint directory {self.directory} does not exist")
-        self._manager = _manager(self.directory, save_interval_steps=save_interval_steps,
-                                 max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+        self.save_interval_steps = save_interval_steps
+        # The interval is applied here (step % interval == 0), not by Orbax, whose
+        # policy also saves the first step it is shown.
+        self._manager = _manager(self.directory, read_only=True) if read_only else \
+            _manager(self.directory, max_to_keep=max_to_keep, create=True)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -107,16 +110,16 @@ class Checkpointer:
         """Save `state` as `step` if the interval says so (or `force`). Returns whether it
         saved; an existing step is never overwritten. `metadata` must be JSON-serialisable."""
         step = int(step)
-        if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
+        if step in self._manager.all_steps() or not (force or step % self.save_interval_steps == 0):
             return False
+        try:
+            json.dumps(dict(metadata or {}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}") from e
         record = {"format_version": FORMAT_VERSION, "step": step,
                   "config": None if config is None else config_to_dict(config),
                   "metadata": dict(metadata or {}), "state_spec": state_spec(state),
                   "checksums": _checksums(state)}
-        try:
-            json.dumps(record)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}") from e
         state_dict = serialization.to_state_dict(state)
         return bool(self._manager.save(step, force=True, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardSave(state_dict), META: ocp.args.JsonSave(record)})))

@@ -39,13 +39,15 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum((_sum_squares(x) for x in leaves), jnp.zeros((), jnp.float32)))
 
 
-def grouped_norms(tree) -> dict[str, jax.Array]:
-    """{group_name: L2 norm of that group's leaves} for a parameter-shaped tree."""
+def grouped_norms(tree) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(global norm, {group_name: L2 norm of that group's leaves}) of a parameter-shaped
+    tree; the global norm reuses the groups' sums, one reduction per leaf in all."""
     squares: dict[str, jax.Array] = {}
     for path, leaf in traverse_util.flatten_dict(tree).items():
         name = group_name(tuple(map(str, path)))
         squares[name] = squares.get(name, 0.0) + _sum_squares(leaf)
-    return {name: jnp.sqrt(s) for name, s in squares.items()}
+    total = jnp.sqrt(sum(squares.values(), jnp.zeros((), jnp.float32)))
+    return total, {name: jnp.sqrt(s) for name, s in squares.items()}
 
 
 def count_params(params, *, exclude_position: bool = False) -> int:

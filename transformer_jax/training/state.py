@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct as struct
 import jax
 import jax.numpy as jnp
@@ -34,12 +35,14 @@ def _key_data(rng) -> jax.Array:
 
 def init_params(config: TransformerConfig, rng, *, task: str | None = None,
                 seq_len: int | None = None):
-    """Fresh parameters of `models.build(config)`, initialised from `rng`.
+    """-> (fresh parameters of `models.build(config)` initialised from `rng`, the model).
 
     Shapes do not depend on the example batch, but some attention kernels check
     sequence lengths at trace time, so the example uses max_len unless told."""
     model, init = _jitted_init(config, task or task_for_config(config), seq_len or config.max_len)
-    return init(rng)["params"], model
+    # Plain arrays even when the config boxes parameters with logical axis names
+    # (`logical_partitioning`); sharded set-ups read the names from an eval_shape'd init.
+    return nn.meta.unbox(init(rng)["params"]), model
 
 
 @functools.lru_cache(maxsize=16)
@@ -54,11 +57,14 @@ def _jitted_init(config: TransformerConfig, task: str, seq_len: int):
 def create_train_state(config: TransformerConfig, tx: optax.GradientTransformation, rng, *,
                        task: str | None = None, lr_fn: Callable | None = None,
                        params: Any = None) -> TrainState:
-    """Initialise a TrainState from a seed key (typed or raw). Parameters keep the
-    config's param_dtype (float32 = master weights) even when `config.dtype` is bfloat16."""
+    """Initialise a TrainState from a seed key (typed or raw), or around given `params`
+    (e.g. imported weights). Parameters keep the config's param_dtype (float32 = master
+    weights) even when `config.dtype` is bfloat16."""
     params_key, dropout_key = jax.random.split(rng)
-    new_params, model = init_params(config, params_key, task=task)
-    params = new_params if params is None else params
+    if params is None:
+        params, model = init_params(config, params_key, task=task)
+    else:  # the cached model, so that states of one config share jit compilations
+        model, _ = _jitted_init(config, task or task_for_config(config), config.max_len)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                               rng=_key_data(dropout_key), lr_fn=lr_fn)
     # An int32 array, not Python's 0, so the first and later steps share one compilation.

@@ -51,28 +51,25 @@ def compute_grads(apply_fn: Callable, params, batch: Batch, rng, task: Task | st
     return loss, metrics, grads
 
 
-def _select(pred, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
 def apply_grads(state: TrainState, grads, loss=None) -> tuple[TrainState, dict]:
     """One optimizer update, skipped when the loss, gradient or update is not finite.
     -> (new state, {grad_norm, update_norm, param_norm, finite, [lr], per-layer norms})."""
-    grad_norm = global_norm(grads)
+    grad_norm, grad_norms = grouped_norms(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    update_norm = global_norm(updates)
+    update_norm, update_norms = grouped_norms(updates)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     if loss is not None:
         finite &= jnp.isfinite(loss)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
-    new = _select(finite, new, state)
+    # cond, not a select per leaf: no extra pass over the state (under vmap it is one).
+    new = jax.lax.cond(finite, lambda: new, lambda: state)
     metrics = {"grad_norm": grad_norm, "update_norm": update_norm,
                "param_norm": global_norm(new.params), "finite": finite.astype(jnp.float32)}
     if state.lr_fn is not None:
         metrics["lr"] = jnp.asarray(state.lr_fn(state.step), jnp.float32)
-    metrics.update({f"grad_norm/{k}": v for k, v in grouped_norms(grads).items()})
-    metrics.update({f"update_norm/{k}": v for k, v in grouped_norms(updates).items()})
+    metrics.update({f"grad_norm/{k}": v for k, v in grad_norms.items()})
+    metrics.update({f"update_norm/{k}": v for k, v in update_norms.items()})
     return new, metrics
 
 

@@ -12,9 +12,12 @@ With blocks of b tokens (nb blocks, padded), query block i attends to
 and the rows of global blocks attend to everything. Causal mode keeps the
 pattern and adds j <= i.
 
-Every non-global query block gathers its (w + g + r) key blocks into
-`[B, H, nb, (w+g+r) b, d]` and scores `[B, H, nb, b, (w+g+r) b]`; global rows
-score all keys `[B, H, g b, n]`. O(n b (w+g+r)) memory, never `[n, n]`.
+Every query block gathers its (w + g + r) key blocks into
+`[B, H, nb, (w+g+r) b, d]` and scores `[B, H, nb, b, (w+g+r) b]` (the
+"blockify, gather, compute" of their App. D); global rows score all keys
+`[B, H, g b, n]` and overwrite their rows. O(n b (w+g+r)) memory, never `[n, n]`.
+(Scoring the shared global key blocks in place instead of gathering them was
+tried: XLA's CPU peak memory came out higher, not lower.)
 """
 from __future__ import annotations
 
@@ -63,19 +66,35 @@ def random_blocks(nb: int, num_heads: int, *, num_window: int, num_global: int,
 def block_layout(n: int, block: int, num_heads: int, *, num_window: int, num_global: int,
                  num_random: int, seed: int, causal: bool):
     """Gather indices `[H|1, nb, R]` (numpy) and per-block validity `[H|1, nb, R]` of the
-    R = window + global + random key blocks of every query block."""
+    R = window + global + random key blocks of every query block, and the global blocks.
+    A window block that is also global is marked invalid in the window part, so no
+    key is counted twice."""
     nb = blocks.num_blocks(n, block)
     glob = global_blocks(nb, num_global)
     w_idx, w_raw = blocks.offset_blocks(nb, window_offsets(num_window, causal))
-    w_ok = (w_raw >= 0) & (w_raw < nb) & ~np.isin(w_raw, glob)  # globals come from their part
+    w_ok = (w_raw >= 0) & (w_raw < nb) & ~np.isin(w_raw, glob)
     g_idx = np.broadcast_to(np.asarray(glob, int), (1, nb, len(glob)))
     r_idx = random_blocks(nb, num_heads, num_window=num_window, num_global=num_global,
                           num_random=num_random, seed=seed, causal=causal)
     heads = num_heads if num_random else 1
     parts = [np.broadcast_to(x, (heads, nb, x.shape[-1])) for x in (w_idx, g_idx, r_idx)]
     oks = [np.broadcast_to(x, (heads, nb, x.shape[-1]))
-           for x in (w_ok, np.ones_like(g_idx, bool), r_idx >= 0)]
+           for x in (w_ok, np.ones(g_idx.shape, bool), r_idx >= 0)]
     return np.maximum(np.concatenate(parts, -1), 0), np.concatenate(oks, -1), glob
+
+
+def _sparse_valid(qb, idx, ok, valid_k, n, causal):
+    """Validity `[B|1, H|1, nb, b|1, R b]` of the gathered keys of every query block."""
+    block = qb.shape[3]
+    k_pos = blocks.key_positions(idx, block)[:, :, None, :]  # [Hi, nb, 1, R b]
+    valid = blocks.block_valid(ok, block)[:, :, None, :] & (k_pos < n)
+    if causal:
+        valid = valid & (blocks.query_positions(qb.shape[2], block)[..., None] >= k_pos)
+    valid = valid[None]
+    if valid_k is not None:
+        kv_ok = blocks.gather_blocks(blocks.to_blocks(valid_k, block, value=False), idx)
+        valid = valid & kv_ok[:, :, :, None, :]
+    return valid
 
 
 def _global_rows(qb, k, v, glob, valid_k, n, causal, scale, drop):
@@ -110,23 +129,15 @@ def bigbird_attention(q, k, v, *, mask=None, causal: bool = False, block_size: i
     idx, ok, glob = block_layout(n, block_size, heads, num_window=num_window_blocks,
                                  num_global=num_global_blocks, num_random=num_random_blocks,
                                  seed=random_seed, causal=causal)
-    k_pos = blocks.key_positions(idx, block_size)[:, :, None, :]  # [Hi, nb, 1, R b]
-    valid = blocks.block_valid(ok, block_size)[:, :, None, :] & (k_pos < n)
-    if causal:
-        valid = valid & (blocks.query_positions(qb.shape[2], block_size)[..., None] >= k_pos)
-    valid = valid[None]
-    if valid_k is not None:
-        kv_ok = blocks.gather_blocks(blocks.to_blocks(valid_k, block_size, value=False), idx)
-        valid = valid & kv_ok[:, :, :, None, :]
     rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
+    drop = lambda i, p: common.dropout(p, dropout_rate, rngs[i], deterministic)
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = blocks.scores(qb, blocks.gather_blocks(kb, idx), scale)
-    probs = common.dropout(common.masked_softmax(s, valid), dropout_rate, rngs[0], deterministic)
+    probs = drop(0, common.masked_softmax(s, _sparse_valid(qb, idx, ok, valid_k, n, causal)))
     out = blocks.weighted(probs, blocks.gather_blocks(vb, idx))  # [B, H, nb, b, d]
     if glob:
         kf, vf = (x.reshape(*x.shape[:2], -1, x.shape[-1]) for x in (kb, vb))
-        rows = _global_rows(qb, kf, vf, glob, valid_k, n, causal, scale,
-                            lambda p: common.dropout(p, dropout_rate, rngs[1], deterministic))
+        rows = _global_rows(qb, kf, vf, glob, valid_k, n, causal, scale, lambda p: drop(1, p))
         out = out.at[:, :, jnp.asarray(glob)].set(rows)
     return common.unflatten(blocks.unblock(out, n).astype(q.dtype), batch)
 

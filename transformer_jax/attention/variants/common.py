@@ -81,9 +81,36 @@ def check_self_attention(name: str, q_len: int, kv_len: int) -> None:
 def masked_softmax(scores, valid):
     """float32 softmax over the last axis; invalid entries get probability 0 and a
     row with no valid entry gets all zeros (as `functional.attention_weights`)."""
-    scores = jnp.where(valid, scores, NEG)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.where(valid, probs, 0.0)
+    return masked_softmax_parts((scores,), (valid,))[0]
+
+
+@jax.custom_vjp
+def masked_softmax_parts(scores: tuple, valids: tuple) -> tuple:
+    """One softmax over the concatenated last axes of several score blocks (e.g. a
+    window part and a global part), without building the concatenation.
+
+    A custom VJP keeps only the probabilities for the backward pass, like
+    `jax.nn.softmax`: d s_i = p_i * (g_i - sum_j <p_j, g_j>)."""
+    return _softmax_parts_fwd(scores, valids)[0]
+
+
+def _softmax_parts_fwd(scores, valids):
+    masked = [jnp.where(v, s, NEG) for s, v in zip(scores, valids)]
+    peak = masked[0].max(axis=-1, keepdims=True)
+    for m in masked[1:]:
+        peak = jnp.maximum(peak, m.max(axis=-1, keepdims=True))
+    exps = [jnp.where(v, jnp.exp(m - peak), 0.0) for m, v in zip(masked, valids)]
+    total = sum(e.sum(axis=-1, keepdims=True) for e in exps)
+    probs = tuple(safe_divide(e, total) for e in exps)
+    return probs, probs
+
+
+def _softmax_parts_bwd(probs, grads):
+    inner = sum(jnp.sum(p * g, axis=-1, keepdims=True) for p, g in zip(probs, grads))
+    return tuple(p * (g - inner) for p, g in zip(probs, grads)), None
+
+
+masked_softmax_parts.defvjp(_softmax_parts_fwd, _softmax_parts_bwd)
 
 
 def dropout(probs, rate: float, rng, deterministic: bool):

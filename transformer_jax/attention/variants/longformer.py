@@ -97,27 +97,29 @@ def _global_key_valid(n_rows, idx, slot_ok, valid_k, causal):
 
 
 def _window_and_global_keys(q, k, v, idx, slot_ok, flags, valid_k, causal, window, scale, drop):
-    """Every query over its window plus the global keys, one joint softmax -> `[B, n, H, d]`."""
+    """Every query over its window plus the global keys, one joint softmax -> `[B, n, H, d]`.
+    `drop(i, probs)` applies attention dropout to part i."""
     n, block = q.shape[1], max(window, 1)
     qb, kb, vb = (blocks.to_blocks(jnp.swapaxes(x, 1, 2), block) for x in (q, k, v))
     bsz, heads, nb, _, d = qb.shape
     rows = nb * block
     gidx, local_ok = _window_valid(n, block, window, causal, flags, valid_k)
     s_local = blocks.scores(qb, blocks.gather_blocks(kb, gidx), scale).reshape(bsz, heads, rows, -1)
-    kg, vg = _take_rows(k, idx), _take_rows(v, idx)  # [B, G, H, d]
-    s_glob = jnp.einsum("bhqd,bghd->bhqg", qb.reshape(bsz, heads, rows, d), kg,
-                        preferred_element_type=jnp.float32) * scale
-    r, g = s_local.shape[-1], kg.shape[1]
-    local_ok = jnp.broadcast_to(local_ok, (bsz, heads, nb, block, r)).reshape(bsz, heads, rows, r)
-    glob_ok = jnp.broadcast_to(_global_key_valid(rows, idx, slot_ok, valid_k, causal),
-                               (bsz, heads, rows, g))
-    probs = common.masked_softmax(jnp.concatenate([s_local, s_glob], axis=-1),
-                                  jnp.concatenate([local_ok, glob_ok], axis=-1))
-    probs = drop(probs)
-    p_local = probs[..., :r].reshape(bsz, heads, nb, block, r)
-    out = blocks.weighted(p_local, blocks.gather_blocks(vb, gidx)).reshape(bsz, heads, rows, d)
-    out = out + jnp.einsum("bhqg,bghd->bhqd", probs[..., r:].astype(v.dtype), vg,
-                           preferred_element_type=jnp.float32)
+    r = s_local.shape[-1]
+    local_ok = jnp.broadcast_to(local_ok, (*local_ok.shape[:2], nb, block, r)).reshape(
+        *local_ok.shape[:2], rows, r)
+    scores, valids = [s_local], [local_ok]
+    if idx.shape[1]:  # the G global keys, seen by every query
+        kg, vg = _take_rows(k, idx), _take_rows(v, idx)  # [B, G, H, d]
+        scores.append(jnp.einsum("bhqd,bghd->bhqg", qb.reshape(bsz, heads, rows, d), kg,
+                                 preferred_element_type=jnp.float32) * scale)
+        valids.append(_global_key_valid(rows, idx, slot_ok, valid_k, causal))
+    probs = [drop(i, p) for i, p in enumerate(common.masked_softmax_parts(tuple(scores), tuple(valids)))]
+    out = blocks.weighted(probs[0].reshape(bsz, heads, nb, block, r), blocks.gather_blocks(vb, gidx))
+    out = out.reshape(bsz, heads, rows, d)
+    if idx.shape[1]:
+        out = out + jnp.einsum("bhqg,bghd->bhqd", probs[1].astype(v.dtype), vg,
+                               preferred_element_type=jnp.float32)
     return jnp.swapaxes(out[:, :, :n], 1, 2)
 
 
@@ -132,16 +134,14 @@ def longformer_attention(q, k, v, *, mask=None, causal: bool = False, window: in
     n = q.shape[1]
     common.check_self_attention(NAME, n, k.shape[1])
     idx, slot_ok, flags = global_tokens(n, global_positions, global_mask, batch, max_global)
-    rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
-
-    def drop(which):
-        return lambda p: common.dropout(p, dropout_rate, rngs[which], deterministic)
+    rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+    drop = lambda i, p: common.dropout(p, dropout_rate, rngs[i], deterministic)
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = _window_and_global_keys(q, k, v, idx, slot_ok, jnp.asarray(flags), valid_k, causal,
-                                  window, scale, drop(0))
+                                  window, scale, drop)
     if idx.shape[1]:
-        rows = _global_rows(q, k, v, idx, valid_k, causal, scale, drop(1))
+        rows = _global_rows(q, k, v, idx, valid_k, causal, scale, lambda p: drop(2, p))
         idx_b = jnp.broadcast_to(idx, (out.shape[0], idx.shape[1]))
         bidx = jnp.arange(out.shape[0])[:, None]
         keep = jnp.broadcast_to(slot_ok, idx_b.shape)[:, :, None, None]

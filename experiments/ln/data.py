@@ -1,0 +1,58 @@
+"""Batches for the benchmark, built once on the host and shared by every run.
+
+Runs with the same seed see the same batches whatever their placement, learning
+rate or warm-up, so comparisons between them are paired: only the optimizer
+settings differ. Validation batches are the same for all runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+
+from experiments.ln.presets import TASKS, Preset
+from transformer_jax.data import BertDataConfig, GPTDataConfig, make_datasets, stdlib_corpus
+
+
+@dataclasses.dataclass
+class TaskData:
+    vocab_size: int
+    train: object      # ExampleDataset
+    valid: object
+
+    def train_batches(self, seeds, steps: int, batch_size: int) -> dict[str, np.ndarray]:
+        """{field: [num_seeds, steps, batch, ...]}: the stream of each data seed."""
+        per_seed = [_stack([self.train.batch(s, batch_size, seed=seed) for s in range(steps)])
+                    for seed in seeds]
+        return _stack(per_seed)
+
+    def valid_batches(self, count: int, batch_size: int) -> dict[str, np.ndarray]:
+        """{field: [count, batch, ...]} of held-out text (documents unseen in training)."""
+        return _stack([self.valid.batch(s, batch_size, seed=0) for s in range(count)])
+
+
+def _stack(batches: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus(max_chars):
+    return stdlib_corpus(max_chars=max_chars)
+
+
+def load_task_data(preset: Preset, task: str, cache_dir: str | os.PathLike) -> TaskData:
+    """Tokenizer trained offline on the stdlib corpus (cached in `cache_dir`), datasets
+    at the preset's sequence length; the model vocabulary is the preset's."""
+    m = preset.model
+    kind = TASKS[task][1]
+    config = (BertDataConfig(max_len=m.seq_len, max_predictions_per_seq=max(2, m.seq_len // 6))
+              if kind == "bert" else GPTDataConfig(seq_len=m.seq_len))
+    tokenizer, train, valid = make_datasets(kind, _corpus(preset.corpus_chars), config,
+                                            vocab_size=m.vocab_size,
+                                            model_vocab_size=m.vocab_size, cache_dir=cache_dir)
+    size = tokenizer.vocab_info().size
+    if size > m.vocab_size:
+        raise ValueError(f"tokenizer vocabulary {size} exceeds model vocab_size={m.vocab_size}")
+    return TaskData(m.vocab_size, train, valid)

@@ -1,0 +1,177 @@
+"""Many training runs as one compiled program: `jax.vmap` over the train state.
+
+Every (task, placement) of the grid is one program: the runs of its learning-rate
+x warm-up x seed grid differ only in arrays (parameters, Adam moments, the peak
+learning rate, the warm-up length and the data-seed index), so they are stacked
+on a leading axis and stepped together. The learning rate is set inside the step
+from those per-run arrays through `optax.inject_hyperparams`, so no schedule is
+baked into the compiled program. The same un-vmapped function, jitted once, runs
+a single run: the equality check and the speed-up baseline.
+
+    train step     `transformer_jax.training.train_step` (skips non-finite updates)
+    chunk          lax.scan of `eval_every` steps, then one validation pass
+    program        jit(vmap(chunk)) over runs [R, ...]; data shared, indexed by seed
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments.ln.presets import Sweep
+from transformer_jax.models import build
+from transformer_jax.training import TASKS, TrainState, decay_mask, eval_step, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    task: str
+    placement: str
+    peak_lr: float
+    warmup: int
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.task}/{self.placement}/lr{self.peak_lr:g}/wu{self.warmup}/s{self.seed}"
+
+
+def group_specs(sweep: Sweep, task: str, placement: str) -> list[RunSpec]:
+    return [RunSpec(task, placement, lr, wu, seed) for lr in sweep.peak_lrs
+            for wu in sweep.warmups for seed in sweep.seeds]
+
+
+def make_tx(sweep: Sweep) -> optax.GradientTransformation:
+    """AdamW whose learning rate is a state entry (overwritten every step), without
+    clipping. The other hyperparameters are stored too, as per-run arrays."""
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",),
+                                     hyperparam_dtype=jnp.float32)
+    return adamw(learning_rate=0.0, b1=sweep.b1, b2=sweep.b2, eps=sweep.eps,
+                 weight_decay=sweep.weight_decay, mask=decay_mask)
+
+
+def learning_rate(step, peak, warmup, total: int, decay: str):
+    """Linear warm-up over `warmup` updates (none when 0: (step+1)/1 >= 1), then
+    constant or linear decay to 0 at `total` (BERT's schedule, Devlin et al. 2018).
+    All of step, peak and warmup may be traced per-run values."""
+    s = step.astype(jnp.float32)
+    lr = peak * jnp.minimum(1.0, (s + 1.0) / jnp.maximum(warmup, 1.0))
+    if decay == "linear":
+        lr = lr * jnp.clip((total - s) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    return lr
+
+
+def _step(state: TrainState, hp: dict, batch: dict, *, task: str, total: int, decay: str):
+    lr = learning_rate(state.step, hp["peak_lr"], hp["warmup"], total, decay)
+    opt = state.opt_state
+    state = state.replace(opt_state=opt._replace(hyperparams={**opt.hyperparams,
+                                                               "learning_rate": lr}))
+    state, m = train_step(state, batch, task)
+    return state, {"loss": m["loss"], "grad_norm": m["grad_norm"], "finite": m["finite"],
+                   "lr": lr}
+
+
+def _chunk(state, hp, train, valid, start, *, length: int, task: str, total: int, decay: str):
+    """`length` steps from `start` on this run's data stream, then the mean validation loss.
+    train: {field: [seeds, steps, batch, ...]} (all runs' streams); valid: [E, batch, ...]."""
+    data = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, length, 1)[hp["data"]],
+                        train)
+    step = functools.partial(_step, hp=hp, task=task, total=total, decay=decay)
+    state, metrics = jax.lax.scan(lambda s, b: step(s, batch=b), state, data)
+    return state, metrics, _valid_loss(state, valid, task)
+
+
+def _valid_loss(state, valid, task):
+    return jnp.mean(jax.lax.map(lambda b: eval_step(state, b, task)["loss"], valid))
+
+
+def init_state(config, task: str, tx, key) -> TrainState:
+    """A fresh TrainState from a raw PRNGKey, initialised eagerly (op by op): compiling
+    init would cost more than running it once. Splits the key as create_train_state."""
+    model = build(config)
+    args, kwargs = TASKS[task].inputs(TASKS[task].example_batch(config, 1, config.max_len))
+    params_key, dropout_key = jax.random.split(key)
+    params = model.init(params_key, *args, **kwargs, deterministic=True)["params"]
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_key)
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass
+class GroupResult:
+    """Host arrays of R runs: per step [R, steps], per evaluation [R, evals]."""
+    specs: list[RunSpec]
+    metrics: dict[str, np.ndarray]
+    val_steps: np.ndarray
+    val_loss: np.ndarray
+    compile_s: float     # wall seconds: lowering + XLA compilation + first validation
+    run_s: float         # wall seconds of the training chunks
+    cpu_s: float         # process CPU seconds of both (all threads): load-independent
+
+    @property
+    def wall_s(self) -> float:
+        return self.compile_s + self.run_s
+
+
+def _hparams(specs: list[RunSpec], sweep: Sweep) -> dict:
+    seed_index = {s: i for i, s in enumerate(sweep.seeds)}
+    return {"peak_lr": np.array([s.peak_lr for s in specs], np.float32),
+            "warmup": np.array([s.warmup for s in specs], np.float32),
+            "data": np.array([seed_index[s.seed] for s in specs], np.int32)}
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(task: str, sweep: Sweep, batched: bool):
+    chunk = functools.partial(_chunk, length=sweep.eval_every, task=task, total=sweep.steps,
+                              decay=sweep.decay)
+    valid = functools.partial(_valid_loss, task=task)
+    if batched:
+        chunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None))
+        valid = jax.vmap(valid, in_axes=(0, None))
+    # Donated: the old state's buffers hold the new one.
+    return jax.jit(chunk, donate_argnums=(0,)), jax.jit(valid)
+
+
+def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: dict, *,
+              batched: bool = True, progress=None) -> GroupResult:
+    """Train `specs` (one task and placement) together (batched) or as one run
+    (batched=False, len(specs) == 1). `progress(i, n)` is called after each chunk."""
+    if not batched and len(specs) != 1:
+        raise ValueError(f"batched=False runs exactly one spec, got {len(specs)}")
+    if sweep.steps % sweep.eval_every:
+        raise ValueError(f"steps={sweep.steps} must be a multiple of eval_every={sweep.eval_every}")
+    task, tx = specs[0].task, make_tx(sweep)
+    hp = _hparams(specs, sweep)
+    keys = jnp.stack([jax.random.PRNGKey(s.seed) for s in specs])
+    if batched:
+        state = jax.vmap(lambda k: init_state(config, task, tx, k))(keys)
+    else:
+        state, hp = init_state(config, task, tx, keys[0]), jax.tree.map(lambda x: x[0], hp)
+    train, valid = jax.device_put(train), jax.device_put(valid)
+    chunk_fn, valid_fn = _programs(task, sweep, batched)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    chunk_fn = chunk_fn.lower(state, hp, train, valid, 0).compile()
+    valid0 = np.asarray(valid_fn(state, valid))
+    compile_s = time.perf_counter() - t0
+    t0, chunks, losses = time.perf_counter(), [], [valid0]
+    n = sweep.steps // sweep.eval_every
+    for i in range(n):
+        state, metrics, loss = chunk_fn(state, hp, train, valid, i * sweep.eval_every)
+        chunks.append(jax.device_get(metrics))
+        losses.append(np.asarray(loss))
+        if progress:
+            progress(i + 1, n)
+    run_s = time.perf_counter() - t0
+    axis = 1 if batched else 0
+    metrics = {k: np.concatenate([c[k] for c in chunks], axis) for k in chunks[0]}
+    val_loss = np.stack(losses, -1)
+    if not batched:
+        metrics = {k: v[None] for k, v in metrics.items()}
+        val_loss = val_loss[None]
+    val_steps = np.arange(n + 1) * sweep.eval_every
+    return GroupResult(specs, metrics, val_steps, val_loss, compile_s, run_s,
+                       time.process_time() - cpu0)

@@ -1,0 +1,100 @@
+"""What each `transformer-jax` subcommand does (argument parsing is in cli.py)."""
+from __future__ import annotations
+
+import json
+import platform
+
+import numpy as np
+
+
+def train(args) -> int:
+    from transformer_jax.training.run_config import RunConfig
+    from transformer_jax.training.runner import train as run_training
+    run = RunConfig(model=args.model, task=args.task, data=args.data, max_documents=args.max_documents,
+                    vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size,
+                    steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
+                    weight_decay=args.weight_decay,
+                    clip_norm=args.clip_norm if args.clip_norm and args.clip_norm > 0 else None,
+                    accumulation=args.accumulation, norm_placement=args.norm_placement,
+                    attention=args.attention, dtype=args.dtype, seed=args.seed, out_dir=args.out,
+                    resume=args.resume, eval_every=args.eval_every, save_every=args.save_every,
+                    peak_tflops=args.peak_tflops)
+    summary = run_training(run, progress=not args.no_progress)
+    shown = {k: summary.get(k) for k in ("status", "diverged_at", "step", "initial_val_loss",
+                                         "final_val_loss", "tokens_per_sec", "mfu", "loss_spikes")}
+    print(json.dumps(shown, indent=2))
+    print(f"run directory: {args.out} (metrics.jsonl, summary.json, loss.png, checkpoints/)")
+    return 0
+
+
+def _load(path):
+    """-> (config, params, tokenizer, pooling) from a run dir or a Hugging Face dir."""
+    from pathlib import Path
+    from transformer_jax.training.loading import is_run_dir, load_run
+    if is_run_dir(path):
+        config, params, tokenizer, _ = load_run(path)
+        return config, params, tokenizer, "cls"
+    if (Path(path) / "config.json").is_file():
+        from transformer_jax.hf import load_pretrained
+        pre = load_pretrained(path)
+        return pre.config, pre.params, pre.tokenizer, getattr(pre, "pooling", None) or "cls"
+    raise ValueError(f"--model {path!r} is neither a run directory (with checkpoints/) nor a "
+                     "Hugging Face directory (with config.json)")
+
+
+def generate(args) -> int:
+    import jax
+    from transformer_jax.models import GPT, GPTConfig, generate as sample
+    config, params, tokenizer, _ = _load(args.model)
+    if not isinstance(config, GPTConfig):
+        raise ValueError(f"--model {args.model!r} holds a {type(config).__name__}; generate needs a GPT")
+    params = params.get("gpt", params) if isinstance(params, dict) else params
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens")
+    out = sample(GPT(config), params, np.asarray([ids]), max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 eos_id=tokenizer.eos_id, rng=jax.random.PRNGKey(args.seed))
+    tokens = np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist()
+    print(tokenizer.decode(tokens))
+    return 0
+
+
+def embed(args) -> int:
+    from transformer_jax.models import BertConfig, BertForSentenceEmbedding
+    config, params, tokenizer, pooling = _load(args.model)
+    if not isinstance(config, BertConfig):
+        raise ValueError(f"--model {args.model!r} holds a {type(config).__name__}; embed needs a BERT")
+    pooling = args.pooling or pooling
+    encoded = [tokenizer.encode(t)[: config.max_len] for t in args.text]
+    width = max(len(e) for e in encoded)
+    ids = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(encoded), width), bool)
+    for i, e in enumerate(encoded):
+        ids[i, :len(e)], mask[i, :len(e)] = e, True
+    model = BertForSentenceEmbedding(config, pooling=pooling)
+    bert = {"bert": params["bert"]} if "bert" in params else {"bert": params}
+    vectors = np.asarray(model.apply({"params": bert}, ids, attention_mask=mask))
+    for text, v in zip(args.text, vectors):
+        print(json.dumps({"text": text, "dim": int(v.shape[-1]),
+                          "vector": [round(float(x), 6) for x in v]}))
+    return 0
+
+
+def info(args) -> int:
+    import flax
+    import jax
+    import optax
+    from transformer_jax.models import PRESETS, get_config
+    print(f"python {platform.python_version()}  jax {jax.__version__}  flax {flax.__version__}  "
+          f"optax {optax.__version__}")
+    print(f"backend: {jax.default_backend()}  devices: {jax.devices()}")
+    print(f"{'preset':18} {'family':22} {'layers':>6} {'d_model':>7} {'heads':>5} {'d_ff':>6} {'max_len':>7}")
+    for name in PRESETS:
+        c = get_config(name)
+        print(f"{name:18} {type(c).__name__:22} {c.num_layers:6d} {c.d_model:7d} {c.num_heads:5d} "
+              f"{c.d_ff:6d} {c.max_len:7d}")
+    return 0
+
+
+COMMANDS = {"train": train, "generate": generate, "embed": embed, "info": info}

@@ -1,0 +1,179 @@
+"""jit + Mesh + NamedSharding: data, FSDP and tensor parallelism from logical names.
+
+    eval_shape(init with boxed params) -> logical PartitionSpecs
+        -> rules -> NamedShardings of params, then of the optimizer state
+        -> jit(create_train_state, out_shardings=...)
+
+so every device computes only its own slices of the parameters and moments;
+the full model is never materialised on one device. The train step is the
+single-device `train_step`, jitted with those shardings: XLA inserts the
+gradient all-reduce (data), the parameter all-gathers and gradient
+reduce-scatters (fsdp) and the head / MLP collectives (tensor). Activations carry
+`nn.with_logical_constraint`s, active only inside `mesh_context`.
+
+With `jax_threefry_partitionable` (the default) random numbers do not depend on
+the sharding, so a sharded run starts from the same parameters, and draws the
+same dropout masks, as a single-device run with the same seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import flax.traverse_util as traverse_util
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from transformer_jax.config import TransformerConfig
+from transformer_jax.models import build
+from transformer_jax.parallel.mesh import BATCH_AXES, LOGICAL_RULES
+from transformer_jax.training.state import TrainState, create_train_state
+from transformer_jax.training.step import eval_step, train_step
+from transformer_jax.training.tasks import TASKS, Task, get_task, task_for_config
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
+    """Mesh and logical rules in context: activation constraints take effect while
+    tracing. `jax.set_mesh` must be entered outside jit."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Leading (batch) axis split over data x fsdp; other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def _abstract_boxed_params(config: TransformerConfig, task: str | None):
+    boxed = config.replace(logical_partitioning=True)
+    task = task or task_for_config(config)
+    # Shapes do not depend on the example; max_len satisfies kernels that check lengths.
+    args, kwargs = TASKS[task].inputs(TASKS[task].example_batch(boxed, 1, boxed.max_len))
+    model = build(boxed)
+    return jax.eval_shape(lambda key: model.init(key, *args, **kwargs, deterministic=True),
+                          jax.random.PRNGKey(0))["params"]
+
+
+def logical_param_specs(config: TransformerConfig, task: str | None = None):
+    """Tree (like the params) of logical PartitionSpecs, e.g.
+    `PartitionSpec('embed', 'heads', 'kv')` for a query kernel, read from an
+    abstract init with `logical_partitioning` on. Unnamed parameters (norms) get
+    `PartitionSpec()`: replicated."""
+    return nn.get_partition_spec(_abstract_boxed_params(config, task))
+
+
+def _check_divisible(shapes, shardings) -> None:
+    flat_shapes = traverse_util.flatten_dict(shapes, sep="/")
+    flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
+    for path, shape in flat_shapes.items():
+        sharding = flat_shardings[path]
+        for dim, axes in zip(shape.shape, sharding.spec):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+            if dim % ways:
+                raise ValueError(f"parameter {path} of shape {tuple(shape.shape)}: a dimension of "
+                                 f"size {dim} is split over mesh axes {axes} ({ways} ways), which "
+                                 f"does not divide it; change the mesh or the model size")
+
+
+def param_shardings(config: TransformerConfig, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES,
+                    task: str | None = None):
+    """Tree of NamedShardings for the parameters; ValueError if a dimension does not
+    divide over the mesh axes a rule assigns it to."""
+    boxed = _abstract_boxed_params(config, task)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    _check_divisible(nn.unbox(boxed), shardings)
+    return shardings
+
+
+def state_shardings(abstract_state: TrainState, params_sharding, mesh: jax.sharding.Mesh):
+    """TrainState of NamedShardings: the optimizer's per-parameter trees (Adam moments,
+    accumulated gradients) follow their parameters; step, counters and rng are replicated."""
+    rep = replicated(mesh)
+    opt = optax.tree_map_params(abstract_state.tx, lambda _, s: s, abstract_state.opt_state,
+                                params_sharding, transform_non_params=lambda _: rep)
+    return abstract_state.replace(step=rep, params=params_sharding, opt_state=opt, rng=rep)
+
+
+def _raw_key(rng) -> np.ndarray:
+    # A host array is the same value on every process; a local device array is not global.
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
+    return np.asarray(rng, np.uint32)
+
+
+def abstract_sharded_state(config: TransformerConfig, tx: optax.GradientTransformation,
+                           mesh: jax.sharding.Mesh, rules=LOGICAL_RULES, *, task: str | None = None,
+                           lr_fn: Callable | None = None) -> tuple[TrainState, TrainState]:
+    """(TrainState of `jax.ShapeDtypeStruct`s carrying their shardings, TrainState of the
+    shardings) without allocating: a restore target that places a checkpoint onto
+    `mesh`, whatever mesh it was saved from."""
+    init = functools.partial(create_train_state, config, tx, task=task, lr_fn=lr_fn)
+    abstract = jax.eval_shape(init, np.zeros(2, np.uint32))
+    shardings = state_shardings(abstract, param_shardings(config, mesh, rules, task), mesh)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+    return target, shardings
+
+
+def create_sharded_state(config: TransformerConfig, tx: optax.GradientTransformation, rng,
+                         mesh: jax.sharding.Mesh, rules=LOGICAL_RULES, *, task: str | None = None,
+                         lr_fn: Callable | None = None) -> tuple[TrainState, TrainState]:
+    """(state, its shardings): `create_train_state` run under jit with sharded outputs,
+    so each device initialises only its own slices."""
+    _, shardings = abstract_sharded_state(config, tx, mesh, rules, task=task, lr_fn=lr_fn)
+    init = functools.partial(create_train_state, config, tx, task=task, lr_fn=lr_fn)
+    with mesh_context(mesh, rules):
+        state = jax.jit(init, in_shardings=replicated(mesh), out_shardings=shardings)(_raw_key(rng))
+    return state, shardings
+
+
+def place_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """This process's rows (numpy `[B_local, ...]`) -> global arrays `[B, ...]` split over
+    data x fsdp. On one process the local rows are the whole batch; on several, each
+    passes its own slice (`multihost.process_batch`)."""
+    sharding = batch_sharding(mesh)
+    return {k: v if isinstance(v, jax.Array) and v.sharding == sharding
+            else jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+def _resolve(task: Task | str) -> Task:
+    return get_task(task) if isinstance(task, str) else task
+
+
+def make_sharded_train_step(task: Task | str, mesh: jax.sharding.Mesh, shardings: TrainState,
+                            rules=LOGICAL_RULES, *, donate: bool = True) -> Callable:
+    """(state, batch) -> (state, metrics): `train_step` jitted over `mesh`. The batch may
+    be this process's numpy rows or already placed; metrics come back replicated.
+    The state is donated."""
+    step = jax.jit(functools.partial(train_step, task=_resolve(task)),
+                   in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+    def run(state, batch):
+        with mesh_context(mesh, rules):
+            return step(state, place_batch(batch, mesh))
+    return run
+
+
+def make_sharded_eval_step(task: Task | str, mesh: jax.sharding.Mesh, shardings: TrainState,
+                           rules=LOGICAL_RULES) -> Callable:
+    """(state, batch) -> metrics, without dropout, over `mesh`."""
+    step = jax.jit(functools.partial(eval_step, task=_resolve(task)),
+                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
+
+    def run(state, batch):
+        with mesh_context(mesh, rules):
+            return step(state, place_batch(batch, mesh))
+    return run

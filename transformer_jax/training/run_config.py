@@ -1,0 +1,104 @@
+"""`RunConfig`: everything one training run needs, validated up front.
+
+The command line builds one from its flags; notebooks and scripts build one
+directly. Every field is checked in `__post_init__`, so a bad value fails with a
+message naming the flag before any data is read or any directory is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from transformer_jax.models.configs import PRESETS, BertConfig, EncoderDecoderConfig, GPTConfig
+from transformer_jax.training.schedules import SCHEDULES
+
+# CLI task -> (data pipeline task, config family it needs)
+TASK_FAMILIES = {"mlm": ("bert", BertConfig), "lm": ("gpt", GPTConfig),
+                 "seq2seq": ("seq2seq", EncoderDecoderConfig)}
+
+
+def _check(name, ok: bool, value, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not valid: {valid}")
+
+
+def _pos_int(name, value) -> None:
+    _check(name, isinstance(value, int) and not isinstance(value, bool) and value > 0, value,
+           "must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: str = "gpt-tiny"            # preset name (transformer_jax.models.PRESETS)
+    task: str = "lm"                   # mlm (BERT MLM+NSP) | lm (GPT) | seq2seq
+    data: str | None = None            # None = embedded stdlib corpus; a path; "hf:NAME"
+    max_documents: int | None = None   # corpus cap, for quick runs
+    vocab_size: int = 4000             # tokenizer vocabulary trained locally
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 200                   # optimizer updates
+    lr: float = 1e-3                   # peak learning rate
+    warmup: int = 20                   # linear warm-up steps (0 = none)
+    schedule: str = "cosine"
+    weight_decay: float = 0.01
+    clip_norm: float | None = 1.0
+    accumulation: int = 1              # micro-batches per update (optax.MultiSteps)
+    norm_placement: str | None = None  # override the preset's placement
+    attention: str | None = None       # override the attention kernel
+    dtype: str = "float32"             # compute dtype; parameters stay float32
+    seed: int = 0
+    out_dir: str = "runs/default"
+    resume: bool = False
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 10
+    peak_tflops: float | None = None   # for MFU; None = measure a matmul at start-up
+    # Save and stop after this many updates, as a pre-empted job would; resuming
+    # continues to `steps`. For time-sliced clusters and the exact-resume test.
+    stop_at: int | None = None
+    overrides: tuple[tuple[str, object], ...] = ()  # extra model-config fields
+
+    def __post_init__(self):
+        _check("model", self.model in PRESETS, self.model, f"one of {', '.join(PRESETS)}")
+        _check("task", self.task in TASK_FAMILIES, self.task, f"one of {', '.join(TASK_FAMILIES)}")
+        family = TASK_FAMILIES[self.task][1]
+        _check("model", PRESETS[self.model][0] is family, self.model,
+               f"task {self.task!r} needs a {family.__name__} preset "
+               f"({', '.join(n for n, (c, _) in PRESETS.items() if c is family)})")
+        for name in ("vocab_size", "seq_len", "batch_size", "steps", "accumulation", "eval_every",
+                     "eval_batches", "save_every", "keep", "log_every"):
+            _pos_int(name, getattr(self, name))
+        for name in ("max_documents", "stop_at"):
+            if getattr(self, name) is not None:
+                _pos_int(name, getattr(self, name))
+        _check("seq_len", self.seq_len >= 8, self.seq_len, "must be at least 8")
+        _check("lr", isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+               self.lr, "must be a positive finite number")
+        _check("warmup", isinstance(self.warmup, int) and 0 <= self.warmup <= self.steps,
+               self.warmup, f"must be an integer in [0, steps={self.steps}]")
+        _check("schedule", self.schedule in SCHEDULES, self.schedule, f"one of {', '.join(SCHEDULES)}")
+        _check("dtype", self.dtype in ("float32", "bfloat16", "float16"), self.dtype,
+               "one of float32, bfloat16, float16")
+        _check("weight_decay", self.weight_decay >= 0, self.weight_decay, "must be >= 0")
+        _check("clip_norm", self.clip_norm is None or self.clip_norm > 0, self.clip_norm,
+               "must be > 0 (or None for no clipping)")
+        _check("seed", isinstance(self.seed, int) and self.seed >= 0, self.seed, "must be an integer >= 0")
+        _check("peak_tflops", self.peak_tflops is None or self.peak_tflops > 0, self.peak_tflops,
+               "must be > 0")
+
+    @property
+    def data_task(self) -> str:
+        return TASK_FAMILIES[self.task][0]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["overrides"] = [list(kv) for kv in self.overrides]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        d["overrides"] = tuple(tuple(kv) for kv in d.get("overrides", ()))
+        return cls(**d)
