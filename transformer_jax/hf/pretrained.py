@@ -123,6 +123,10 @@ def _read_config(directory: Path) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     family = hf.get("model_type")
+    if family is None:  # very old configs: the family is the architecture's prefix
+        archs = hf.get("architectures") or [""]
+        family = "bert" if archs[0].startswith("Bert") else "gpt2" if archs[0].startswith("GPT2") else None
+        hf = {**hf, "model_type": family} if family else hf
     if family not in _FAMILIES:
         arch = hf.get("architectures")
         raise ValueError(f"{path} has model_type={family!r} (architectures={arch!r}); supported: "

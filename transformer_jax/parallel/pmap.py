@@ -13,7 +13,7 @@ otherwise devices with fewer targets weigh more. The jit/mesh path
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,3 @@ def restore_replicated(ckpt: Checkpointer, target: TrainState, **kwargs) -> tupl
     state, record = ckpt.restore(target, **kwargs)
     return replicate(state), record
 
-
-def _is_replicated(x: Any) -> bool:
-    return isinstance(x, jax.Array) and x.ndim > 0 and x.shape[0] == jax.local_device_count()

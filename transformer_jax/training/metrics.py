@@ -80,7 +80,7 @@ def model_flops_per_token(config: TransformerConfig, seq_len: int | None = None,
     target of similar length). Dropout, softmax and norms are not counted."""
     if num_params is None:
         from transformer_jax.training.state import init_params  # models are heavy; lazy
-        params = jax.eval_shape(lambda k: init_params(config, k)[0], jax.random.PRNGKey(0))
+        params = jax.eval_shape(lambda k: init_params(config, k)[0], jax.random.key(0))
         num_params = count_params(params, exclude_position=True)
     seq = config.max_len if seq_len is None else seq_len
     return 6 * num_params + 12 * _attention_layers(config) * config.d_model * seq
@@ -92,7 +92,7 @@ def measure_matmul_peak(dtype: str = "bfloat16", size: int = 4096, repeats: int 
     when the datasheet number is unknown (e.g. on CPU)."""
     if size <= 0 or repeats <= 0:
         raise ValueError(f"size={size!r} and repeats={repeats!r} must be positive")
-    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (size, size), jnp.dtype(dtype))
     b = jax.random.normal(kb, (size, size), jnp.dtype(dtype))
     matmul = jax.jit(jnp.matmul)

@@ -76,4 +76,4 @@ def abstract_train_state(config: TransformerConfig, tx: optax.GradientTransforma
     """The TrainState's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), without
     allocating: a restore target for checkpoints."""
     return jax.eval_shape(lambda key: create_train_state(config, tx, key, task=task, lr_fn=lr_fn),
-                          jax.random.PRNGKey(0))
+                          jax.random.key(0))

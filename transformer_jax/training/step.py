@@ -81,7 +81,7 @@ def _with_perplexity(metrics: dict) -> dict:
 
 def train_step(state: TrainState, batch: Batch, task: Task | str) -> tuple[TrainState, dict]:
     """One step on one (micro-)batch; the dropout key is fold_in(state.rng, state.step)."""
-    rng = jax.random.fold_in(state.rng, state.step)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     loss, metrics, grads = compute_grads(state.apply_fn, state.params, batch, rng, task)
     state, update_metrics = apply_grads(state, grads, loss)
     return state, {**_with_perplexity(metrics), **update_metrics}
@@ -93,6 +93,9 @@ def eval_step(state: TrainState, batch: Batch, task: Task | str) -> dict:
     return _with_perplexity(metrics)
 
 
+# Cached so that runs of the same task in one process (a sweep, a resumed run)
+# share one jitted function, and so one compilation per input shape.
+@functools.lru_cache(maxsize=32)
 def make_train_step(task: Task | str, *, donate: bool = True) -> Callable:
     """jit(train_step) for `task`; the state argument is donated (its buffers are
     reused for the new state, so the caller must not touch the old one)."""
@@ -100,6 +103,7 @@ def make_train_step(task: Task | str, *, donate: bool = True) -> Callable:
                    donate_argnums=(0,) if donate else ())
 
 
+@functools.lru_cache(maxsize=32)
 def make_eval_step(task: Task | str) -> Callable:
     return jax.jit(functools.partial(eval_step, task=_resolve(task)))
 

@@ -138,7 +138,11 @@ def bigbird_attention(q, k, v, *, mask=None, causal: bool = False, block_size: i
     if glob:
         kf, vf = (x.reshape(*x.shape[:2], -1, x.shape[-1]) for x in (kb, vb))
         rows = _global_rows(qb, kf, vf, glob, valid_k, n, causal, scale, lambda p: drop(1, p))
-        out = out.at[:, :, jnp.asarray(glob)].set(rows)
+        # Block i comes from `rows` if it is global, else from `out`: a static gather
+        # (whose gradient is a scatter-add) instead of a scatter-set of the rows.
+        source = np.arange(qb.shape[2])
+        source[list(glob)] = qb.shape[2] + np.arange(len(glob))
+        out = jnp.concatenate([out, rows], axis=2)[:, :, source]
     return common.unflatten(blocks.unblock(out, n).astype(q.dtype), batch)
 
 

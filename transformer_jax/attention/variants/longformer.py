@@ -58,6 +58,20 @@ def _take_rows(x, idx):
     return jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
 
 
+def _replace_rows(out, rows, idx, slot_ok):
+    """out `[B, n, H, d]` with token idx[b, g] taken from rows `[B, G, H, d]` where
+    slot_ok. A gather from [out; rows] (gradient: scatter-add) rather than a
+    scatter-set, whose gradient XLA would constant-fold into an n-sized mask."""
+    bsz, n = out.shape[:2]
+    g = idx.shape[1]
+    idx = jnp.broadcast_to(idx, (bsz, g))
+    target = jnp.where(jnp.broadcast_to(slot_ok, (bsz, g)), idx, n)  # n: a dropped write
+    source = jnp.broadcast_to(jnp.arange(n), (bsz, n))
+    source = source.at[jnp.arange(bsz)[:, None], target].set(n + jnp.arange(g), mode="drop")
+    combined = jnp.concatenate([out, rows.astype(out.dtype)], axis=1)
+    return jnp.take_along_axis(combined, source[:, :, None, None], axis=1)
+
+
 def _global_rows(q, k, v, idx, valid_k, causal, scale, drop):
     """Outputs `[B, G, H, d]` of the global queries, which attend to every key."""
     qg = _take_rows(q, idx)
@@ -142,10 +156,7 @@ def longformer_attention(q, k, v, *, mask=None, causal: bool = False, window: in
                                   window, scale, drop)
     if idx.shape[1]:
         rows = _global_rows(q, k, v, idx, valid_k, causal, scale, lambda p: drop(2, p))
-        idx_b = jnp.broadcast_to(idx, (out.shape[0], idx.shape[1]))
-        bidx = jnp.arange(out.shape[0])[:, None]
-        keep = jnp.broadcast_to(slot_ok, idx_b.shape)[:, :, None, None]
-        out = out.at[bidx, idx_b].set(jnp.where(keep, rows, out[bidx, idx_b]))
+        out = _replace_rows(out, rows, idx, slot_ok)
     return common.unflatten(out.astype(q.dtype), batch)
 
 

@@ -1,0 +1,87 @@
+"""The `--parallel` modes behind one interface, so the training loop stays one loop.
+
+  none   one device: `make_train_step` as is
+  pmap   state replicated on every local device, batch split per device
+  shard  state sharded over a data x fsdp x tensor mesh, batch split over data x fsdp
+
+The loop keeps `state` in the strategy's placement; `host_state(state)` is what
+evaluation and checkpoints see (the replicas collapsed to one for pmap, the
+sharded arrays themselves for shard, which Orbax saves shard by shard).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from transformer_jax.parallel import pmap as pmap_lib, sharding as sharding_lib
+from transformer_jax.parallel.mesh import MeshConfig
+from transformer_jax.training.state import create_train_state
+from transformer_jax.training.step import make_eval_step, make_train_step
+
+PARALLEL_MODES = ("none", "pmap", "shard")
+
+
+@dataclasses.dataclass
+class Strategy:
+    mode: str = "none"
+    mesh_config: MeshConfig | None = None   # shard only
+    mesh: jax.sharding.Mesh | None = None
+    shardings: object = None                # TrainState of NamedShardings, once created
+
+    def create_state(self, config, tx, rng, *, task: str, lr_fn=None):
+        """A fresh state; sharded at creation for `shard` (never whole on one device)."""
+        if self.mode != "shard":
+            return create_train_state(config, tx, rng, task=task, lr_fn=lr_fn)
+        self.mesh_config.validate(jax.device_count(), config)
+        state, self.shardings = sharding_lib.create_sharded_state(
+            config, tx, rng, self.mesh, self.mesh_config.rules, task=task, lr_fn=lr_fn)
+        return state
+
+    def place_state(self, state):
+        """Host/checkpoint placement -> training placement."""
+        return pmap_lib.replicate(state) if self.mode == "pmap" else state
+
+    def host_state(self, state):
+        """Training placement -> the state evaluation and checkpoints take."""
+        return pmap_lib.unreplicate(state) if self.mode == "pmap" else state
+
+    def train_step(self, task) -> Callable:
+        """(placed state, host batch [B, ...]) -> (placed state, one copy of the metrics)."""
+        if self.mode == "none":
+            return make_train_step(task)
+        if self.mode == "shard":
+            return sharding_lib.make_sharded_train_step(task, self.mesh, self.shardings,
+                                                        self.mesh_config.rules)
+        step = pmap_lib.make_pmap_train_step(task)
+
+        def run(state, batch):
+            state, metrics = step(state, pmap_lib.split_batch(batch))
+            return state, pmap_lib.unreplicate(metrics)
+        return run
+
+    def eval_step(self, task) -> Callable:
+        """(host state, host batch) -> metrics."""
+        if self.mode == "shard":
+            return sharding_lib.make_sharded_eval_step(task, self.mesh, self.shardings,
+                                                       self.mesh_config.rules)
+        return make_eval_step(task)
+
+
+def make_strategy(mode: str = "none", mesh: str | MeshConfig | None = None, *,
+                  batch_size: int | None = None) -> Strategy:
+    """Validated strategy for `--parallel mode --mesh spec` on this machine's devices."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel={mode!r} is not valid; choose one of {', '.join(PARALLEL_MODES)}")
+    if mode != "shard":
+        if mesh is not None:
+            raise ValueError(f"mesh={str(mesh)!r} is only used with parallel='shard', not {mode!r}")
+        if mode == "pmap" and batch_size is not None and batch_size % jax.local_device_count():
+            raise ValueError(f"batch_size={batch_size} is not divisible by the "
+                             f"{jax.local_device_count()} local devices that pmap splits it over")
+        return Strategy(mode)
+    config = mesh if isinstance(mesh, MeshConfig) else (
+        MeshConfig.parse(mesh) if mesh else MeshConfig(data=jax.device_count()))
+    config.validate(jax.device_count(), batch_size=batch_size)
+    return Strategy(mode, config, config.make_mesh())
