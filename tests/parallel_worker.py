@@ -1,10 +1,11 @@
 """Runs the parallel checks in a process of its own, with fake CPU devices, and
 writes the measurements as JSON for tests/test_parallel.py to judge.
 
-    python tests/parallel_worker.py devices OUT.json
-        8 devices: single-device reference runs of tiny BERT and GPT; the pmap
-        step; the sharded step for each mesh of MESHES; the parameters'
-        shardings; a checkpoint saved under one mesh and restored under another.
+    python tests/parallel_worker.py devices OUT.json TASK
+        8 devices, TASK lm (tiny GPT) or mlm (tiny BERT): the single-device
+        reference run; the pmap step; the sharded step for each mesh of MESHES;
+        the parameters' shardings; checkpoints of the replicated state and, for
+        lm, one saved under one mesh and restored under another.
     python tests/parallel_worker.py multihost OUT.json PROCESS_ID NUM_PROCESSES PORT
         one of NUM_PROCESSES processes x 2 devices on 127.0.0.1: the sharded
         GPT run over data=2,fsdp=2, each process building only its rows.
@@ -25,6 +26,7 @@ BATCH = 8
 SEQ = 16
 PREDICTIONS = 4          # MLM positions per row
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "tensor=2")  # tensor=2: on 2 of the 8
+FULL_MESH = "data=2,fsdp=2,tensor=2"   # also initialised sharded, saved, restored elsewhere
 TINY = dict(num_layers=1, d_model=32, num_heads=4, d_ff=64, vocab_size=128, max_len=SEQ,
             dropout=0.0, attention_dropout=0.0)
 
@@ -81,88 +83,109 @@ def _host(tree):
 
 
 def max_diff(a, b) -> float:
+    """Largest absolute difference over all leaves of two like-shaped trees."""
     import jax
-    return float(max(jax.tree.leaves(jax.tree.map(lambda x, y: np.max(np.abs(x - y)),
-                                                  _host(a), _host(b)))))
+    diffs = jax.tree.map(lambda x, y: np.max(np.abs(x - y), initial=0.0), _host(a), _host(b))
+    return float(max(jax.tree.leaves(diffs)))
 
 
 def reference(task):
-    """Single-device run: losses per step and final parameters."""
+    """Single-device run: (initial params, {"loss", "grad_norm"} per step, final params)."""
     import jax
     from transformer_jax.training import create_train_state, make_train_step
     config, tx, key, ds = setup(task)
     device = jax.devices()[0]
     state = jax.device_put(create_train_state(config, tx, key, task=task), device)
+    init = _host(state.params)
     step = make_train_step(task)
-    losses = []
+    history = {"loss": [], "grad_norm": []}
     for i in range(STEPS):
         state, metrics = step(state, jax.device_put(ds.batch(i, BATCH), device))
-        losses.append(float(metrics["loss"]))
-    return losses, _host(state.params)
+        _record(history, metrics)
+    return init, history, _host(state.params)
 
 
-def run_pmap(task, ref_losses, ref_params, ckpt_dir):
+def _record(history, metrics):
+    for k in history:
+        history[k].append(float(metrics[k]))
+
+
+def _compare(history, ref) -> dict:
+    """Largest absolute loss difference and relative grad-norm difference (Adam is
+    blind to a gradient's scale, so a sum in place of a mean shows only there)."""
+    return {"loss_diff": float(np.max(np.abs(np.subtract(history["loss"], ref["loss"])))),
+            "grad_norm_rel_diff": float(np.max(np.abs(np.subtract(history["grad_norm"],
+                                                                   ref["grad_norm"]))
+                                               / np.abs(ref["grad_norm"])))}
+
+
+def run_pmap(task, ref, ref_params, ckpt_dir):
+    """The pmap step on all devices; then a checkpoint of the replicated state."""
     import jax
     from transformer_jax import parallel
     from transformer_jax.training import Checkpointer, abstract_train_state, create_train_state
     config, tx, key, ds = setup(task)
     state = parallel.replicate(create_train_state(config, tx, key, task=task))
     step = parallel.make_pmap_train_step(task)
-    losses = []
+    history = {"loss": [], "grad_norm": []}
     for i in range(STEPS):
         state, metrics = step(state, parallel.split_batch(ds.batch(i, BATCH)))
-        losses.append(float(parallel.unreplicate(metrics)["loss"]))
+        _record(history, parallel.unreplicate(metrics))
     params = parallel.unreplicate(state.params)
-    copies_equal = max_diff(jax.tree.map(lambda x: x.addressable_shards[-1].data[0], state.params),
-                            params)
+    last_copy = jax.tree.map(lambda x: x.addressable_shards[-1].data[0], state.params)
     with Checkpointer(ckpt_dir) as ckpt:
         parallel.save_replicated(ckpt, state, config=config)
         restored, _ = parallel.restore_replicated(
             ckpt, abstract_train_state(config, tx, task=task), config=config)
-    return {"devices": int(jax.tree.leaves(state.params)[0].shape[0]),
-            "loss_diff": float(np.max(np.abs(np.subtract(losses, ref_losses)))),
-            "param_diff": max_diff(params, ref_params), "replicas_diff": copies_equal,
+    return {"devices": int(jax.tree.leaves(state.params)[0].shape[0]), **_compare(history, ref),
+            "param_diff": max_diff(params, ref_params), "replicas_diff": max_diff(last_copy, params),
             "restored_diff": max_diff(parallel.unreplicate(restored.params), params),
-            "restored_shape": list(jax.tree.leaves(restored.params)[0].shape)}
+            "restored_leading_dims": sorted({x.shape[0] for x in jax.tree.leaves(restored.params)})}
 
 
 def sharding_record(state, specs) -> dict:
-    """path -> [mesh spec of the param, logical spec, per-device shard shape, global shape]."""
+    """path -> [mesh spec, logical spec, shape of device 0's shard, global shape]."""
     import flax.traverse_util as tu
     params = tu.flatten_dict(state.params, sep="/")
     logical = tu.flatten_dict(specs, sep="/")
-    return {k: [[list(a) if isinstance(a, tuple) else a for a in v.sharding.spec],
-                [a for a in logical[k]], list(v.addressable_shards[0].data.shape), list(v.shape)]
-            for k, v in params.items()}
+    spec = lambda s: [list(a) if isinstance(a, tuple) else a for a in s]
+    record = {k: [spec(v.sharding.spec), spec(logical[k]), list(v.addressable_shards[0].data.shape),
+                  list(v.shape)] for k, v in params.items()}
+    adam_mu = tu.flatten_dict(state.opt_state[1][0].mu, sep="/")   # chain(clip, adamw)
+    for k, v in adam_mu.items():
+        record["adam_mu/" + k] = [spec(v.sharding.spec), spec(logical[k]),
+                                  list(v.addressable_shards[0].data.shape), list(v.shape)]
+    return record
 
 
-def run_sharded(task, mesh_text, ref_losses, ref_params, ref_init):
-    import flax.traverse_util as tu
+def run_sharded(task, mesh_text, ref_init, ref, ref_params, *, sharded_init: bool):
+    """The sharded step on `mesh_text`. With `sharded_init` the state is created sharded
+    (and compared with the single-device init); otherwise the reference's initial state
+    is placed onto the mesh, which saves a compilation."""
     import jax
     from transformer_jax import parallel
+    from transformer_jax.training import create_train_state
     config, tx, key, ds = setup(task)
     mesh_config = parallel.MeshConfig.parse(mesh_text)
     mesh = mesh_config.make_mesh(jax.devices()[:mesh_config.size])
-    state, shardings = parallel.create_sharded_state(config, tx, key, mesh, task=task)
-    init_diff = max_diff(state.params, ref_init)
-    record = sharding_record(state, parallel.logical_param_specs(config, task))
-    adam_mu = tu.flatten_dict(state.opt_state[1][0].mu, sep="/")   # chain(clip, adamw)
-    opt_mu = next(v for k, v in adam_mu.items() if k.endswith("token/embedding"))
-    record["adam_mu_token"] = [[a for a in opt_mu.sharding.spec], [],
-                               list(opt_mu.addressable_shards[0].data.shape), list(opt_mu.shape)]
+    if sharded_init:
+        state, shardings = parallel.create_sharded_state(config, tx, key, mesh, task=task)
+    else:
+        _, shardings = parallel.abstract_sharded_state(config, tx, mesh, task=task)
+        state = jax.device_put(create_train_state(config, tx, key, task=task), shardings)
+    rec = {"init_diff": max_diff(state.params, ref_init) if sharded_init else None,
+           "shardings": sharding_record(state, parallel.logical_param_specs(config, task))}
     step = parallel.make_sharded_train_step(task, mesh, shardings)
-    losses = []
+    history = {"loss": [], "grad_norm": []}
     for i in range(STEPS):
         state, metrics = step(state, ds.batch(i, BATCH))
-        losses.append(float(metrics["loss"]))
-    return state, shardings, {
-        "loss_diff": float(np.max(np.abs(np.subtract(losses, ref_losses)))),
-        "param_diff": max_diff(state.params, ref_params), "init_diff": init_diff,
-        "shardings": record}
+        _record(history, metrics)
+    rec.update(**_compare(history, ref), param_diff=max_diff(state.params, ref_params))
+    return state, rec
 
 
 def run_restore_other_mesh(task, state, ckpt_dir, mesh_text):
-    """Save the sharded `state`, restore onto a mesh of another shape."""
+    """Save the sharded `state`; restore it onto a mesh of another shape."""
     from transformer_jax import parallel
     from transformer_jax.training import Checkpointer
     config, tx, _, _ = setup(task)
@@ -172,33 +195,29 @@ def run_restore_other_mesh(task, state, ckpt_dir, mesh_text):
         target, _ = parallel.abstract_sharded_state(config, tx, mesh, task=task)
         restored, _ = ckpt.restore(target, config=config)
     kernel = restored.params["embeddings"]["token"]["embedding"]
-    return {"param_diff": max_diff(restored.params, state.params),
-            "opt_diff": max_diff(restored.opt_state, state.opt_state),
-            "step": int(restored.step), "restored_mesh": dict(kernel.sharding.mesh.shape),
-            "token_spec": [a for a in kernel.sharding.spec]}
+    return {"saved_mesh": dict(state.params["embeddings"]["token"]["embedding"].sharding.mesh.shape),
+            "restored_mesh": dict(kernel.sharding.mesh.shape),
+            "token_spec": [a for a in kernel.sharding.spec],
+            "token_shard": list(kernel.addressable_shards[0].data.shape),
+            "param_diff": max_diff(restored.params, state.params),
+            "opt_diff": max_diff(restored.opt_state, state.opt_state), "step": int(restored.step)}
 
 
-def devices_main(out_path):
+def devices_main(out_path, task):
     import jax
-    from transformer_jax.training import create_train_state
-    out = {"device_count": jax.device_count(), "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for task in ("lm", "mlm"):
-            config, tx, key, _ = setup(task)
-            init = _host(create_train_state(config, tx, key, task=task).params)
-            ref_losses, ref_params = reference(task)
-            rec = {"ref_losses": ref_losses, "sharded": {}}
-            if task == "lm":
-                rec["pmap"] = run_pmap(task, ref_losses, ref_params, os.path.join(tmp, "pmap"))
-            for mesh_text in MESHES:
-                state, _, rec["sharded"][mesh_text] = run_sharded(task, mesh_text, ref_losses,
-                                                                  ref_params, init)
-                if task == "lm" and mesh_text == "data=2,fsdp=2,tensor=2":
-                    rec["restore"] = run_restore_other_mesh(task, state, os.path.join(tmp, "mesh"),
-                                                            "fsdp=4,tensor=2")
-            out["tasks"][task] = rec
+        init, ref, ref_params = reference(task)
+        rec = {"device_count": jax.device_count(), "ref_losses": ref["loss"],
+               "ref_grad_norms": ref["grad_norm"], "sharded": {},
+               "pmap": run_pmap(task, ref, ref_params, os.path.join(tmp, "pmap"))}
+        for mesh_text in MESHES:
+            state, rec["sharded"][mesh_text] = run_sharded(
+                task, mesh_text, init, ref, ref_params, sharded_init=mesh_text == FULL_MESH)
+            if task == "lm" and mesh_text == FULL_MESH:
+                rec["restore"] = run_restore_other_mesh(task, state, os.path.join(tmp, "mesh"),
+                                                        "fsdp=4,tensor=2")
     with open(out_path, "w") as f:
-        json.dump(out, f)
+        json.dump(rec, f)
 
 
 def multihost_main(out_path, process_id, num_processes, port):
@@ -227,6 +246,6 @@ def multihost_main(out_path, process_id, num_processes, port):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if sys.argv[1] == "devices":
-        devices_main(sys.argv[2])
+        devices_main(sys.argv[2], sys.argv[3])
     else:
         multihost_main(sys.argv[2], *map(int, sys.argv[3:6]))

@@ -131,6 +131,27 @@ def test_chunked_takes_query_masks_bias_and_empty_rows():
     assert float(jnp.abs(out[0, 2]).max()) == 0.0
 
 
+def test_chunked_serves_cached_decoding_in_multihead_attention():
+    """Prefill + one-token steps over the KV cache (a query-dependent mask, causal=False)
+    reproduce the full causal forward pass of the dense kernel with the same parameters."""
+    x = np.random.default_rng(6).standard_normal((2, 9, 16), np.float32)
+    chunked = MultiHeadAttention(num_heads=2, attention=AttentionConfig(kind="chunked", query_chunk=2,
+                                                                        key_chunk=4))
+    dense = MultiHeadAttention(num_heads=2)
+    params = dense.init(jax.random.PRNGKey(0), x)["params"]
+    want = dense.apply({"params": params}, x, causal=True)
+    cache = jax.eval_shape(lambda: chunked.init(jax.random.PRNGKey(0), x, decode=True))["cache"]
+    cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cache)
+    step = jax.jit(lambda c, xs: chunked.apply({"params": params, "cache": c}, xs, decode=True,
+                                               mutable=["cache"]))
+    out, state = step(cache, x[:, :6])
+    outs = [out]
+    for t in range(6, 9):
+        out, state = step(state["cache"], x[:, t:t + 1])
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, atol=1e-5, rtol=1e-5)
+
+
 # --- sparse kernels against their dense masks --------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -35,6 +35,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU; default: measured")
+    p.add_argument("--parallel", default="none", choices=("none", "pmap", "shard"),
+                   help="none: one device; pmap: replicate over local devices; "
+                        "shard: jit over a device mesh (see --mesh)")
+    p.add_argument("--mesh", default=None,
+                   help="with --parallel shard: axis sizes, e.g. data=2,fsdp=2,tensor=2 "
+                        "(product = device count; default data=<all devices>)")
     p.add_argument("--no-progress", action="store_true")
 
 

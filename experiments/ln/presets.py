@@ -101,7 +101,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "micro": Preset(
-        "micro", ModelShape(d_model=32, num_heads=2, d_ff=64, seq_len=16, vocab_size=256),
+        "micro", ModelShape(d_model=32, num_heads=2, d_ff=64, seq_len=16, vocab_size=320),
         GradNormStudy(placements=("post", "pre"), depths=(2, 4), seeds=(0,), batch_size=2),
         Sweep(num_layers=2, peak_lrs=(1e-3, 1e-2), warmups=(0, 4), seeds=(0, 1), steps=8,
               batch_size=4, eval_every=4, eval_batches=1, check_runs=2),

@@ -18,10 +18,10 @@ import dataclasses
 import math
 
 import jax
-import numpy as np
 
 from transformer_jax import partitioning as logical
 
+PARALLEL_MODES = ("none", "pmap", "shard")   # `transformer-jax train --parallel`
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")   # mesh axes the batch dimension is split over
 
@@ -126,9 +126,3 @@ class MeshConfig:
         auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
         return jax.make_mesh(self.shape, MESH_AXES, axis_types=auto, devices=devices)
 
-
-def single_device_mesh(device=None) -> jax.sharding.Mesh:
-    """A 1x1x1 mesh: the sharded code path on one device."""
-    device = device or jax.devices()[0]
-    return jax.sharding.Mesh(np.array([device]).reshape(1, 1, 1), MESH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))

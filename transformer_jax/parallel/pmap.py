@@ -52,8 +52,8 @@ def pmap_train_step(state: TrainState, batch, task: Task, axis_name: str = AXIS)
     """Per-device body: gradients and metrics averaged over `axis_name` between
     `compute_grads` and `apply_grads`. Dropout differs per device (key folded with
     the device index), as it would across the rows of one large batch."""
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                             jax.lax.axis_index(axis_name))
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     loss, metrics, grads = compute_grads(state.apply_fn, state.params, batch, rng, task)
     grads = jax.lax.pmean(grads, axis_name)
     loss = jax.lax.pmean(loss, axis_name)

@@ -16,11 +16,9 @@ from typing import Callable
 import jax
 
 from transformer_jax.parallel import pmap as pmap_lib, sharding as sharding_lib
-from transformer_jax.parallel.mesh import MeshConfig
+from transformer_jax.parallel.mesh import PARALLEL_MODES, MeshConfig
 from transformer_jax.training.state import create_train_state
 from transformer_jax.training.step import make_eval_step, make_train_step
-
-PARALLEL_MODES = ("none", "pmap", "shard")
 
 
 @dataclasses.dataclass
@@ -70,8 +68,10 @@ class Strategy:
 
 
 def make_strategy(mode: str = "none", mesh: str | MeshConfig | None = None, *,
-                  batch_size: int | None = None) -> Strategy:
-    """Validated strategy for `--parallel mode --mesh spec` on this machine's devices."""
+                  batch_size: int | None = None, config=None) -> Strategy:
+    """Validated strategy for `--parallel mode --mesh spec` on this machine's devices;
+    with `config` (a TransformerConfig) and `batch_size` they are checked to fit too.
+    A shard run without a mesh spreads the batch over all devices (data=N)."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel={mode!r} is not valid; choose one of {', '.join(PARALLEL_MODES)}")
     if mode != "shard":
@@ -81,7 +81,7 @@ def make_strategy(mode: str = "none", mesh: str | MeshConfig | None = None, *,
             raise ValueError(f"batch_size={batch_size} is not divisible by the "
                              f"{jax.local_device_count()} local devices that pmap splits it over")
         return Strategy(mode)
-    config = mesh if isinstance(mesh, MeshConfig) else (
+    mesh_config = mesh if isinstance(mesh, MeshConfig) else (
         MeshConfig.parse(mesh) if mesh else MeshConfig(data=jax.device_count()))
-    config.validate(jax.device_count(), batch_size=batch_size)
-    return Strategy(mode, config, config.make_mesh())
+    mesh_config.validate(jax.device_count(), config, batch_size)
+    return Strategy(mode, mesh_config, mesh_config.make_mesh())

@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 from transformer_jax.models.configs import PRESETS, BertConfig, EncoderDecoderConfig, GPTConfig
+from transformer_jax.parallel.mesh import PARALLEL_MODES, MeshConfig
 from transformer_jax.training.schedules import SCHEDULES
 
 # CLI task -> (data pipeline task, config family it needs)
@@ -59,6 +60,10 @@ class RunConfig:
     # continues to `steps`. For time-sliced clusters and the exact-resume test.
     stop_at: int | None = None
     overrides: tuple[tuple[str, object], ...] = ()  # extra model-config fields
+    # none: one device; pmap: replicas on every local device; shard: jit over a
+    # data x fsdp x tensor mesh (transformer_jax.parallel).
+    parallel: str = "none"
+    mesh: str | None = None            # shard only, e.g. "data=2,fsdp=2,tensor=2"; None = data=N
 
     def __post_init__(self):
         _check("model", self.model in PRESETS, self.model, f"one of {', '.join(PRESETS)}")
@@ -87,6 +92,12 @@ class RunConfig:
         _check("seed", isinstance(self.seed, int) and self.seed >= 0, self.seed, "must be an integer >= 0")
         _check("peak_tflops", self.peak_tflops is None or self.peak_tflops > 0, self.peak_tflops,
                "must be > 0")
+        _check("parallel", self.parallel in PARALLEL_MODES, self.parallel,
+               f"one of {', '.join(PARALLEL_MODES)}")
+        _check("mesh", self.mesh is None or self.parallel == "shard", self.mesh,
+               f"--mesh is only used with --parallel shard (got --parallel {self.parallel})")
+        if self.mesh is not None:
+            MeshConfig.parse(self.mesh)   # ValueError naming the bad part
 
     @property
     def data_task(self) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 from transformer_jax.data import (BatchIterator, BertDataConfig, GPTDataConfig, Seq2SeqDataConfig,
                                   Tokenizer, load_corpus, make_datasets)
 from transformer_jax.models.configs import get_config
+from transformer_jax.parallel.strategy import Strategy, make_strategy
 from transformer_jax.training.checkpoint import Checkpointer
 from transformer_jax.training.divergence import DivergenceMonitor
 from transformer_jax.training.metrics import measure_matmul_peak, model_flops_per_token, throughput
@@ -28,8 +29,7 @@ from transformer_jax.training.optim import learning_rate_fn, make_optimizer
 from transformer_jax.training.run_config import RunConfig
 from transformer_jax.training.schedules import make_schedule
 from transformer_jax.training.signals import GracefulShutdown
-from transformer_jax.training.state import create_train_state
-from transformer_jax.training.step import make_eval_step, make_train_step, mean_metrics
+from transformer_jax.training.step import mean_metrics
 from transformer_jax.training.tasks import get_task
 
 
@@ -109,13 +109,15 @@ def optimizer(run: RunConfig):
     return tx, learning_rate_fn(schedule, run.accumulation)
 
 
-def build(run: RunConfig, out: Path):
-    """(tokenizer, datasets, model config, task, train state) for a run."""
+def build(run: RunConfig, out: Path, strategy: Strategy | None = None):
+    """(tokenizer, datasets, model config, task, train state) for a run; the state is
+    created as the parallel strategy places it (sharded at creation for --parallel shard)."""
     tokenizer, train_ds, valid_ds = _datasets(run, out)
     config = model_config(run, tokenizer.vocab_size)
     task = get_task({"bert": "mlm", "gpt": "lm", "seq2seq": "seq2seq"}[run.data_task])
     tx, lr_fn = optimizer(run)
-    state = create_train_state(config, tx, jax.random.PRNGKey(run.seed), task=task.name, lr_fn=lr_fn)
+    state = (strategy or Strategy()).create_state(config, tx, jax.random.PRNGKey(run.seed),
+                                                  task=task.name, lr_fn=lr_fn)
     return tokenizer, train_ds, valid_ds, config, task, state
 
 
@@ -146,22 +148,26 @@ def _save(ckpt, state, config, run, iterator, monitor, *, force=False) -> bool:
 def train(run: RunConfig, *, progress: bool = True) -> dict:
     """Runs (or resumes) training; returns the summary record also written to
     `summary.json`. Divergence and interruption end the run cleanly, never raise."""
+    # Checked before any work: mesh vs devices, heads vs tensor, batch vs data x fsdp.
+    strategy = make_strategy(run.parallel, run.mesh, batch_size=run.batch_size,
+                             config=model_config(run, run.vocab_size))
     out = _prepare_out_dir(run)
-    tokenizer, train_ds, valid_ds, config, task, state = build(run, out)
+    tokenizer, train_ds, valid_ds, config, task, state = build(run, out, strategy)
     micro_steps = run.steps * run.accumulation
     iterator = BatchIterator(train_ds, run.batch_size, seed=run.seed)
     monitor = DivergenceMonitor()
     log = _Log(out / "metrics.jsonl")
-    step_fn, eval_fn = make_train_step(task), make_eval_step(task)
+    step_fn, eval_fn = strategy.train_step(task), strategy.eval_step(task)
+    host = strategy.host_state   # the state evaluation and checkpoints see
     flops_per_token = model_flops_per_token(config, run.seq_len)
     peak = _peak_flops(run)
     summary = {"status": "completed", "diverged_at": None, "run": run.to_dict(),
                "num_params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
     with Checkpointer(out / "checkpoints", save_interval_steps=run.save_every,
                       max_to_keep=run.keep) as ckpt, GracefulShutdown() as stop:
-        state = _restore(ckpt, state, config, iterator, monitor, run)
-        start_step = int(state.step)
-        first_eval = evaluate(eval_fn, state, valid_ds, run)
+        state = strategy.place_state(_restore(ckpt, state, config, iterator, monitor, run))
+        start_step = int(host(state).step)
+        first_eval = evaluate(eval_fn, host(state), valid_ds, run)
         log.write({"step": start_step, "kind": "eval", **first_eval})
         summary["initial_val_loss"] = first_eval["loss"]
         bar = _progress(progress, start_step, micro_steps)
@@ -186,14 +192,15 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
                 summary["status"] = "interrupted"
                 break
             if step % run.eval_every == 0:
-                log.write({"step": step, "kind": "eval", **evaluate(eval_fn, state, valid_ds, run)})
-            _save(ckpt, state, config, run, iterator, monitor)
+                log.write({"step": step, "kind": "eval",
+                           **evaluate(eval_fn, host(state), valid_ds, run)})
+            _save(ckpt, host(state), config, run, iterator, monitor)
         if summary["status"] == "completed" and step < micro_steps:
             summary["status"] = "stopped"
         if summary["status"] != "diverged":
-            _save(ckpt, state, config, run, iterator, monitor, force=True)
+            _save(ckpt, host(state), config, run, iterator, monitor, force=True)
         bar.close()
-    return _finish(out, summary, state, eval_fn, valid_ds, run, monitor)
+    return _finish(out, summary, host(state), eval_fn, valid_ds, run, monitor)
 
 
 def _progress(enabled: bool, start: int, total: int):
