@@ -106,11 +106,14 @@ def timed(run) -> float:
 
 
 def measure_rounds(cases: list[dict], rounds: int, slow_s: float = 20.0) -> None:
-    """Best wall time of each case over `rounds` interleaved passes (after one warm-up
-    call), so that a burst of load from other processes inflates one pass, not the
-    minimum. Cases slower than slow_s are timed once: their warm-up cost is noise."""
+    """Best wall time of each case over `rounds` passes (after one warm-up call), so
+    that a burst of load from other processes inflates one pass, not the minimum.
+    Within a pass one variant runs at every length back to back, so its slope is
+    measured under one load. Cases slower than slow_s are timed once."""
+    order = sorted(cases, key=lambda c: (KINDS.index(c["row"]["kind"])
+                                         if c["row"]["kind"] in KINDS else len(KINDS), c["row"]["n"]))
     for r in range(rounds):
-        for case in cases:
+        for case in order:
             row = case["row"]
             if row["status"] != "ok" or (r > 0 and row["time_s"] > slow_s):
                 continue
@@ -244,7 +247,7 @@ def main(argv=None):
     p.add_argument("--min-len", type=int, default=512)
     p.add_argument("--out", default="experiments/results/attention_scaling")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated variant names")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing passes (best kept)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing passes (best kept)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU)")
     args = p.parse_args(argv)
     gpu = jax.default_backend() == "gpu"

@@ -47,8 +47,8 @@ def group_specs(sweep: Sweep, task: str, placement: str) -> list[RunSpec]:
 
 
 def make_tx(sweep: Sweep) -> optax.GradientTransformation:
-    """AdamW whose learning rate is a state entry (overwritten every step), without
-    clipping. The other hyperparameters are stored too, as per-run arrays."""
+    """optax.adamw whose learning rate is a state entry, overwritten every step; no
+    clipping. The other scalars are stored too, as per-run arrays."""
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",),
                                      hyperparam_dtype=jnp.float32)
     return adamw(learning_rate=0.0, b1=sweep.b1, b2=sweep.b2, eps=sweep.eps,

@@ -59,9 +59,13 @@ def distributed_env(environ: Mapping[str, str] | None = None) -> dict | None:
 def enable_cpu_collectives() -> None:
     """Cross-process collectives on the CPU backend go through Gloo (the default in
     recent JAX; older versions had none). Must run before the backend starts."""
-    if "jax_cpu_collectives_implementation" in jax.config.values and \
-            jax.config.values["jax_cpu_collectives_implementation"] in (None, "", "none"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    name = "jax_cpu_collectives_implementation"
+    try:
+        current = getattr(jax.config, name)
+    except AttributeError:   # a JAX without the option: nothing to choose
+        return
+    if current in (None, "", "none"):
+        jax.config.update(name, "gloo")
 
 
 def initialize_from_env(environ: Mapping[str, str] | None = None, *,

@@ -12,8 +12,8 @@ reduce-scatters (fsdp) and the head / MLP collectives (tensor). Activations carr
 `nn.with_logical_constraint`s, active only inside `mesh_context`.
 
 With `jax_threefry_partitionable` (the default) random numbers do not depend on
-the sharding, so a sharded run starts from the same parameters, and draws the
-same dropout masks, as a single-device run with the same seed.
+the sharding, so a sharded run starts from the same parameters as a
+single-device run with the same seed.
 """
 from __future__ import annotations
 
