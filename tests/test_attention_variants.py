@@ -386,3 +386,24 @@ def test_multihead_refuses_what_a_sparse_kernel_cannot_take():
     with pytest.raises(ValueError, match="global_positions"):
         jax.eval_shape(lambda q, k, v: longformer_attention(q, k, v, global_positions=(12,)),
                        *_qkv(0, n=12))
+
+
+def test_encoder_decoder_keeps_cross_attention_dense():
+    """A sparse self-attention kind leaves cross-attention dense (LED / BigBird
+    encoder-decoders), and Linformer is refused because the decoder is causal."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+    from transformer_jax.models import EncoderDecoder, get_config
+    with pytest.raises(ValueError, match="linformer.*cannot be causal"):
+        get_config("transformer-tiny", attention={"kind": "linformer"})
+    tiny = dict(vocab_size=50, max_len=32, num_layers=1, num_decoder_layers=1, d_model=32,
+                num_heads=4, d_ff=64, dropout=0.0, attention_dropout=0.0)
+    src = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 50)
+    tgt = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 50)
+    local = EncoderDecoder(get_config("transformer-tiny", **tiny, attention={"kind": "local", "window": 64}))
+    dense = EncoderDecoder(get_config("transformer-tiny", **tiny))
+    params = dense.init(jax.random.PRNGKey(2), src, tgt)
+    # A window wider than both sequences makes `local` equal to dense attention.
+    np.testing.assert_allclose(local.apply(params, src, tgt), dense.apply(params, src, tgt), atol=1e-5)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 
 from transformer_jax import partitioning as logical
-from transformer_jax.attention import MultiHeadAttention
+from transformer_jax.attention import AttentionConfig, MultiHeadAttention
 from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import make_norm, xavier_normal
 
@@ -30,6 +30,19 @@ def _inits(config: TransformerConfig, beta: float):
         return xavier_normal(1.0), xavier_normal(beta)
     init = nn.initializers.normal(config.init_std)
     return init, init
+
+
+# Kernels that attend between any query and key lengths; the position-based
+# patterns (local windows, BigBird blocks, Linformer's fixed length) are defined
+# for self-attention only.
+DENSE_KINDS = ("xla", "cudnn", "chunked")
+
+
+def cross_attention_config(attention: AttentionConfig) -> AttentionConfig:
+    """Cross-attention stays dense, as in the Longformer (LED) and BigBird
+    encoder-decoders (Beltagy et al. 2020; Zaheer et al. 2020): the sparse pattern
+    applies to self-attention, and queries see the whole encoder output."""
+    return attention if attention.kind in DENSE_KINDS else attention.replace(kind="xla")
 
 
 class FeedForward(nn.Module):
@@ -80,11 +93,12 @@ class _ResidualBlock(nn.Module):
         scale = self.alpha if placement == "deepnorm" else 1.0
         return self.norm(f"{name}_norm")(scale * x + drop(f(x), deterministic=deterministic))
 
-    def attention(self, name, **kwargs):
+    def attention(self, name, attention=None, **kwargs):
         cfg = self.config
         init, scaled = _inits(cfg, self.beta)
         return MultiHeadAttention(
-            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, attention=cfg.attention,
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            attention=attention or cfg.attention,
             dropout_rate=cfg.attention_dropout, use_bias=cfg.use_bias, rope_base=cfg.rope_base,
             dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, kernel_init=init,
             value_init=scaled, out_init=scaled, logical_partitioning=cfg.logical_partitioning,
@@ -128,7 +142,7 @@ class DecoderBlock(_ResidualBlock):
             if memory.shape[-1] != cfg.d_model:
                 raise ValueError(f"cross-attention memory has width {memory.shape[-1]} "
                                  f"(shape {tuple(memory.shape)}) but d_model={cfg.d_model}")
-            cross = self.attention("cross_attention")
+            cross = self.attention("cross_attention", cross_attention_config(cfg.attention))
             x = self.residual("cross_attention", x, lambda h: cross(
                 h, memory, mask=memory_mask, deterministic=deterministic, sow_weights=sow_weights),
                 deterministic)

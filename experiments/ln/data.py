@@ -45,14 +45,14 @@ def _corpus(max_chars):
 def load_task_data(preset: Preset, task: str, cache_dir: str | os.PathLike) -> TaskData:
     """Tokenizer trained offline on the stdlib corpus (cached in `cache_dir`), datasets
     at the preset's sequence length; the model vocabulary is the preset's."""
-    m = preset.model
-    kind = TASKS[task][1]
-    config = (BertDataConfig(max_len=m.seq_len, max_predictions_per_seq=max(2, m.seq_len // 6))
-              if kind == "bert" else GPTDataConfig(seq_len=m.seq_len))
+    kind, seq, vocab = TASKS[task][1], preset.seq_len, preset.vocab_size
+    # BERT masks 15% of the tokens (Devlin et al. 2018): room for seq / 6 predictions.
+    config = (BertDataConfig(max_len=seq, max_predictions_per_seq=max(2, seq // 6))
+              if kind == "bert" else GPTDataConfig(seq_len=seq))
     tokenizer, train, valid = make_datasets(kind, _corpus(preset.corpus_chars), config,
-                                            vocab_size=m.vocab_size,
-                                            model_vocab_size=m.vocab_size, cache_dir=cache_dir)
+                                            vocab_size=vocab, model_vocab_size=vocab,
+                                            cache_dir=cache_dir)
     size = tokenizer.vocab_info().size
-    if size > m.vocab_size:
-        raise ValueError(f"tokenizer vocabulary {size} exceeds model vocab_size={m.vocab_size}")
-    return TaskData(m.vocab_size, train, valid)
+    if size > vocab:
+        raise ValueError(f"tokenizer vocabulary {size} exceeds the preset's vocab_size={vocab}")
+    return TaskData(vocab, train, valid)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from transformer_jax.attention import registry
 from transformer_jax.config import TransformerConfig
 
 
@@ -44,6 +45,9 @@ class EncoderDecoderConfig(TransformerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        # The decoder's self-attention is causal even though the encoder's is not.
+        registry.validate(self.attention, causal=True, position=self.position,
+                          attention_dropout=self.attention_dropout)
         if not isinstance(self.num_decoder_layers, int) or self.num_decoder_layers <= 0:
             raise ValueError(f"num_decoder_layers={self.num_decoder_layers!r} must be a positive integer")
 

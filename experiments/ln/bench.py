@@ -1,0 +1,131 @@
+"""The benchmark's two studies, resumable: what runs, in which order, what is written.
+
+    gradnorm study   per (placement, depth): all seeds at once, eagerly -> gradnorm.jsonl
+    sweep            per (task, placement): one vmapped program       -> runs.jsonl, groups.jsonl
+    check            a few runs again one by one, same seeds            -> checks.jsonl
+
+Work whose records (with the current settings' fingerprint) are already in the
+results directory is skipped.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.ln import analysis, records
+from experiments.ln.data import load_task_data
+from experiments.ln.gradnorm import measure
+from experiments.ln.presets import Preset, Sweep, model_config
+from experiments.ln.sweep import RunSpec, group_specs, run_group
+
+# Equality of vmapped and one-by-one runs, in loss (the issue's tolerance).
+CHECK_TOLERANCE = 1e-4
+
+
+class Log:
+    """Progress lines with the elapsed time; `quiet` keeps only the section lines."""
+
+    def __init__(self, quiet: bool = False):
+        self.start, self.quiet = time.perf_counter(), quiet
+
+    def __call__(self, message: str, detail: bool = False) -> None:
+        if not (detail and self.quiet):
+            print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
+
+
+def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> None:
+    study = preset.gradnorm
+    fp = preset.fingerprint(study)
+    done = {(r["placement"], r["depth"]) for r in records.read(out_dir, records.GRADNORM, [fp])}
+    todo = [(p, d) for p in study.placements for d in study.depths if (p, d) not in done]
+    if not todo:
+        log("gradient norms at init: all records present, skipped")
+        return
+    data = load_task_data(preset, study.task, cache_dir)
+    batches = [data.train.batch(0, study.batch_size, seed=s) for s in study.seeds]
+    batches = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    for i, (placement, depth) in enumerate(todo):
+        rows = measure(preset, study, placement, depth, batches)
+        records.append(out_dir, records.GRADNORM, [{"fingerprint": fp, **r} for r in rows])
+        top = np.mean([r["w2"][-1] for r in rows])
+        log(f"gradient norms at init {i + 1}/{len(todo)}: {placement:8s} L={depth:<3d} "
+            f"last-layer |dW2| = {top:.3g} (mean of {len(rows)} seeds)")
+
+
+def _check_specs(sweep: Sweep) -> list[RunSpec]:
+    """Runs redone one by one: the lowest learning rate of the first placement, with
+    seeds and warm-ups taken in turn. At high learning rates training is chaotic:
+    rounding differences of 1 ulp between the two programs (XLA fuses them
+    differently) grow into visible loss differences, whatever the implementation."""
+    lr, seeds, warmups = min(sweep.peak_lrs), sweep.seeds, sweep.warmups
+    pairs = [(seeds[i % len(seeds)], warmups[(i + i // len(seeds)) % len(warmups)])
+             for i in range(len(seeds) * len(warmups) ** 2)]
+    pairs = list(dict.fromkeys(pairs))[:sweep.check_runs]       # distinct, in order
+    return [RunSpec(sweep.task, sweep.placements[0], lr, wu, seed) for seed, wu in pairs]
+
+
+def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log: Log) -> None:
+    fp = preset.fingerprint(sweep)
+    done_runs = {r["run_id"] for r in records.read(out_dir, records.RUNS, [fp])}
+    done_checks = {r["run_id"] for r in records.read(out_dir, records.CHECKS, [fp])}
+    todo = [p for p in sweep.placements
+            if not {s.run_id for s in group_specs(sweep, p)} <= done_runs]
+    checks = [s for s in _check_specs(sweep) if s.run_id not in done_checks]
+    if not todo and not checks:
+        log(f"sweep {sweep.task}: all records present, skipped")
+        return
+    data = load_task_data(preset, sweep.task, cache_dir)
+    train = data.train_batches(sweep.seeds, sweep.steps, sweep.batch_size)
+    valid = data.valid_batches(sweep.eval_batches, sweep.batch_size)
+    unigram = analysis.unigram_loss(sweep.task, train, valid, data.vocab_size)
+    results = {}
+    for placement in todo:
+        results[placement] = _run_placement(preset, sweep, placement, train, valid, unigram,
+                                            out_dir, log)
+    if checks:
+        _run_checks(preset, sweep, checks, train, valid, results, out_dir, log)
+
+
+def _run_placement(preset, sweep, placement, train, valid, unigram, out_dir, log):
+    fp, specs = preset.fingerprint(sweep), group_specs(sweep, placement)
+    config = model_config(preset, sweep.task, placement, sweep.num_layers, sweep.width)
+    name = f"{sweep.task}/{placement}"
+    log(f"sweep {name}: {len(specs)} runs x {sweep.steps} steps in one vmapped program")
+    progress = lambda i, n: log(f"  {name}: step {i * sweep.steps // n}/{sweep.steps}", True)
+    result = run_group(config, specs, sweep, train, valid, progress=progress)
+    rows = [analysis.run_record(s, result, i, unigram, fp) for i, s in enumerate(specs)]
+    records.append(out_dir, records.RUNS, rows)
+    records.append(out_dir, records.GROUPS, [{
+        "fingerprint": fp, "task": sweep.task, "placement": placement, "runs": len(specs),
+        "steps": sweep.steps, "compile_s": result.compile_s, "run_s": result.run_s,
+        "cpu_s": result.cpu_s}])
+    failed = sum(r["diverged"] or not r["escaped_plateau"] for r in rows)
+    log(f"sweep {name}: done in {result.wall_s:.1f}s (compile {result.compile_s:.1f}s); "
+        f"{failed}/{len(rows)} runs diverged or stayed on the unigram plateau")
+    return result
+
+
+def _run_checks(preset, sweep, checks, train, valid, results, out_dir, log):
+    """Re-run `checks` one by one (reusing one compiled unbatched program) and compare
+    with the vmapped runs' curves."""
+    fp, placement = preset.fingerprint(sweep), checks[0].placement
+    config = model_config(preset, sweep.task, placement, sweep.num_layers, sweep.width)
+    batched = results.get(placement)
+    if batched is None:   # resumed after the group finished: redo it for the comparison
+        batched = run_group(config, group_specs(sweep, placement), sweep, train, valid)
+    index = {s.run_id: i for i, s in enumerate(batched.specs)}
+    for spec in checks:
+        single = run_group(config, [spec], sweep, train, valid, batched=False)
+        i = index[spec.run_id]
+        d_train = float(np.nanmax(np.abs(single.metrics["loss"][0] - batched.metrics["loss"][i])))
+        d_val = float(np.nanmax(np.abs(single.val_loss[0] - batched.val_loss[i])))
+        records.append(out_dir, records.CHECKS, [{
+            "fingerprint": fp, "run_id": spec.run_id, "max_abs_diff_train_loss": d_train,
+            "max_abs_diff_val_loss": d_val, "passed": max(d_train, d_val) <= CHECK_TOLERANCE,
+            "compile_s": single.compile_s, "run_s": single.run_s, "cpu_s": single.cpu_s,
+            "group_runs": len(batched.specs), "group_compile_s": batched.compile_s,
+            "group_run_s": batched.run_s, "group_cpu_s": batched.cpu_s}])
+        log(f"check {spec.run_id}: one-by-one vs vmapped max |d loss| = "
+            f"{max(d_train, d_val):.2e} ({single.wall_s:.1f}s alone)")

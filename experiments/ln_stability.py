@@ -1,0 +1,63 @@
+"""The LN-stability benchmark: post-LN vs pre-LN (Xiong et al. 2020, arXiv 2002.04745).
+
+    python -m experiments.ln_stability --preset quick        # ~6 min on 2 CPU cores, offline
+    python -m experiments.ln_stability --preset paper --out results/paper   # accelerator-sized
+    python -m experiments.ln_stability --preset micro --out /tmp/ln-micro   # seconds (tests)
+
+Four parts (see experiments/ln/): (a) per-layer gradient norms at initialization
+for five placements and several depths; (b) a training sweep over placement x
+warm-up x peak learning rate x seed for BERT (MLM+NSP) and GPT (LM); (c) each
+(task, placement) of that sweep is one `jax.vmap`ped program, checked against runs
+done one by one; (d) JSONL records, CSVs, plots and `report.md` with verdicts.
+Re-running with the same --out skips the work already recorded there.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+from experiments.ln import bench, report
+from experiments.ln.presets import PRESETS, get_preset
+
+DEFAULT_OUT = Path(__file__).parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default: experiments/results/<preset>)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="tokenizer cache (default: <out>/.cache)")
+    parser.add_argument("--quiet", action="store_true", help="only section-level progress lines")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild report, CSVs and plots from the records; run nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    preset = get_preset(args.preset)
+    out = args.out or DEFAULT_OUT / preset.name
+    cache = args.cache_dir or out / ".cache"
+    out.mkdir(parents=True, exist_ok=True)
+    log = bench.Log(args.quiet)
+    start = time.perf_counter()
+    if not args.report_only:
+        log(f"preset {preset.name} -> {out}")
+        bench.run_gradnorm(preset, out, cache, log)
+        for sweep in preset.sweeps:
+            bench.run_sweep(preset, sweep, out, cache, log)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    timing = None if args.report_only else {"wall_s": time.perf_counter() - start,
+                                            "cpu_s": usage.ru_utime + usage.ru_stime}
+    path = report.write_report(preset, out, timing)
+    log(f"report: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
