@@ -113,7 +113,7 @@ class EncoderBlock(_ResidualBlock):
     `[..., heads, seq, seq]` (usually a key padding mask `[..., 1, 1, seq]`)."""
 
     @nn.compact
-    def __call__(self, x, mask=None, *, deterministic=True, sow_weights=False, **kernel_kwargs):
+    def __call__(self, x, mask=None, deterministic=True, sow_weights=False, **kernel_kwargs):
         attn = self.attention("attention", position=self.config.position)
         x = self.residual("attention", x, lambda h: attn(
             h, mask=mask, deterministic=deterministic, sow_weights=sow_weights, **kernel_kwargs),
@@ -129,7 +129,7 @@ class DecoderBlock(_ResidualBlock):
     cross_attention: bool = False
 
     @nn.compact
-    def __call__(self, x, memory=None, *, mask=None, memory_mask=None, deterministic=True,
+    def __call__(self, x, memory=None, mask=None, memory_mask=None, deterministic=True,
                  decode=False, sow_weights=False):
         cfg = self.config
         self_attn = self.attention("self_attention", position=cfg.position)

@@ -20,6 +20,7 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 EMBED_COMBINE = ("add", "concat")
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 def _choice(name: str, value: Any, valid: tuple) -> None:
@@ -75,6 +76,14 @@ class TransformerConfig:
     # Off by default: `model.init` gives plain arrays; the sharded path
     # (`transformer_jax.parallel`) turns it on only to read partition specs.
     logical_partitioning: bool = False
+    # Recompute each block's activations in the backward pass instead of storing
+    # them (Chen et al. 2016, arXiv 1604.06174): "none", "full" (store only block
+    # inputs) or "dots" (also keep matmul outputs without batch dims). Same maths.
+    remat: str = "none"
+    # Round the embedding table up to a multiple of this (e.g. 128, as nanoGPT's
+    # 50304) so the output matmul tiles evenly on accelerators; logits are sliced
+    # back to vocab_size, so the extra rows never reach the loss. 1 = no padding.
+    vocab_pad_multiple: int = 1
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
@@ -95,6 +104,8 @@ class TransformerConfig:
         _choice("param_dtype", self.param_dtype, DTYPES)
         _probability("dropout", self.dropout)
         _probability("attention_dropout", self.attention_dropout)
+        _choice("remat", self.remat, REMAT_POLICIES)
+        _positive("vocab_pad_multiple", self.vocab_pad_multiple)
         if not isinstance(self.logical_partitioning, bool):
             raise ValueError(f"logical_partitioning={self.logical_partitioning!r} must be True or False")
         if self.position == "rope" and self.head_dim % 2:
@@ -109,6 +120,11 @@ class TransformerConfig:
 
     # Subclasses override: whether self-attention in the main stack is causal.
     causal = False
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:

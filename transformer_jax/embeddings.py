@@ -28,7 +28,7 @@ class Embeddings(nn.Module):
         cfg = self.config
         normal = nn.initializers.normal(cfg.init_std)
         init = lambda names: logical.param_init(normal, names, cfg.logical_partitioning)
-        self.token = nn.Embed(cfg.vocab_size, cfg.d_model,
+        self.token = nn.Embed(cfg.padded_vocab_size, cfg.d_model,
                               embedding_init=init((logical.VOCAB, logical.EMBED)),
                               dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if cfg.position == "learned":
@@ -77,4 +77,4 @@ class Embeddings(nn.Module):
 
     def attend(self, x):
         """Tied output projection: `[..., d_model]` -> logits `[..., vocab]`."""
-        return self.token.attend(x)
+        return self.token.attend(x)[..., : self.config.vocab_size]

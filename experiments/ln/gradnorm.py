@@ -8,9 +8,11 @@ from that seed, one real batch of that data seed, one gradient, and per layer th
 Frobenius norms of W^(2) (`mlp/down`), W^(1) (`mlp/up`) and of all attention
 kernels together.
 
-The gradient is taken eagerly, op by op: compiling a deep unrolled model costs
-tens of seconds per (placement, depth) on a CPU, more than running it once, while
-eager primitives are compiled once and reused across layers, depths and placements.
+The gradient is taken eagerly, op by op, unless `study.eager` is False: compiling a
+deep unrolled model costs tens of seconds per (placement, depth) on a CPU, more
+than running it once, while eager primitives are compiled once (~20 s for all)
+and reused across layers, depths and placements. For 1-2 layer models compiling
+is the cheaper of the two.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.ln.presets import GradNormStudy, Preset, model_config
-from transformer_jax.models import build
+from experiments.ln.sweep import cached_model, init_params
 from transformer_jax.training import compute_grads, get_task
 
 _PARAM = re.compile(r".*/layer_(\d+)/(?:(mlp)/(up|down)|(?:self_)?attention/\w+)/kernel")
@@ -46,19 +48,23 @@ def measure(preset: Preset, study: GradNormStudy, placement: str, depth: int,
             batches: dict) -> list[dict]:
     """One record per seed of `study.seeds`: per-layer norms and the loss of a fresh
     model from that seed on that seed's batch (`batches`: {field: [seeds, batch, ...]}).
-    The seeds are vmapped, still eagerly: one dispatch per op for all of them."""
+    The seeds are vmapped: eagerly, one dispatch per op for all of them; or jitted,
+    with parameters from the sweep's eager `init_params` (compiled init is slow)."""
     config = model_config(preset, study.task, placement, depth, study.width)
-    model = build(config)
-    task = get_task(study.task)
+    apply, task = cached_model(config).apply, get_task(study.task)
+    keys = [jax.random.PRNGKey(s) for s in study.seeds]
 
-    def one(key, batch):
-        args, kwargs = task.inputs(batch)
-        params = model.init(key, *args, **kwargs, deterministic=True)["params"]
-        loss, _, grads = compute_grads(model.apply, params, batch, None, task)
+    def grads_of(params, batch):
+        loss, _, grads = compute_grads(apply, params, batch, None, task)
         return loss, grads
 
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in study.seeds])
-    losses, grads = jax.vmap(one)(keys, batches)
+    if study.eager:
+        fn = jax.vmap(lambda key, batch: grads_of(init_params(config, study.task, key), batch))
+        losses, grads = fn(jnp.stack(keys), batches)
+    else:
+        params = [init_params(config, study.task, key) for key in keys]
+        params = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
+        losses, grads = jax.jit(jax.vmap(grads_of))(params, batches)
     records = []
     for i, seed in enumerate(study.seeds):
         g = jax.tree.map(lambda x: x[i], grads)

@@ -133,9 +133,10 @@ def heatmap(runs: list[dict], task: str, path: Path) -> str:
                 c = verdicts.cell(t_runs, task, placement, lr, wu)
                 finals = [r["final_val_loss"] for r in c if r["final_val_loss"] is not None]
                 grid[p, i, j] = np.mean(finals) if finals else np.nan
-                notes[p, i, j] = f"{grid[p, i, j]:.2f}\n{sum(map(verdicts.failed, c))}/{len(c)} failed"
-    fig, axes = plt.subplots(1, len(placements), squeeze=False,
-                             figsize=(1.6 * len(lrs) * len(placements) + 1.5, 1.0 * len(warmups) + 1.6))
+                fails = sum(map(verdicts.failed, c))
+                notes[p, i, j] = f"{grid[p, i, j]:.2f}\n{fails}/{len(c)} failed"
+    size = (1.6 * len(lrs) * len(placements) + 1.5, 1.0 * len(warmups) + 1.6)
+    fig, axes = plt.subplots(1, len(placements), squeeze=False, figsize=size)
     vmin, vmax = np.nanmin(grid), np.nanmax(grid)
     for p, ax in enumerate(axes[0]):
         image = ax.imshow(grid[p], cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")

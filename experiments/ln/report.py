@@ -145,11 +145,13 @@ def speedup(checks: list[dict]) -> dict:
 
 def speedup_text(checks: list[dict]) -> str:
     s = speedup(checks)
-    return (f"**vmap vs one by one:** the {s['runs']} runs of `{checks[0]['run_id'].rsplit('/', 3)[0]}` "
-            f"took {s['vmapped_s']:.1f} s wall ({s['vmapped_cpu_s']:.0f} s CPU) as one vmapped "
+    group = checks[0]["run_id"].rsplit("/", 3)[0]
+    return (f"**vmap vs one by one:** the {s['runs']} runs of `{group}` took "
+            f"{s['vmapped_s']:.1f} s wall ({s['vmapped_cpu_s']:.0f} s CPU) as one vmapped "
             f"program; one by one, reusing one compiled unbatched program, they would take "
-            f"{s['sequential_s']:.1f} s wall ({s['sequential_cpu_s']:.0f} s CPU), extrapolated from "
-            f"{s['measured_runs']} runs timed alone: speed-up **{s['speedup']:.2f}x** in wall time, "
+            f"{s['sequential_s']:.1f} s wall ({s['sequential_cpu_s']:.0f} s CPU), extrapolated "
+            f"from {s['measured_runs']} runs timed alone: speed-up **{s['speedup']:.2f}x** in "
+            f"wall time, "
             f"{s['cpu_speedup']:.2f}x in CPU time. Same seeds, same results: max |difference| in "
             f"loss {s['max_abs_diff']:.1e} (tolerance {CHECK_TOLERANCE:g}): "
             f"{'passed' if s['passed'] else 'FAILED'}. The checked runs are at the lowest learning "
@@ -194,7 +196,8 @@ def markdown(preset: Preset, results: Results, figures: list[str], timing: dict 
         out += [f"**{v.claim}** — *{v.status}*", ""] + [f"- {e}" for e in v.evidence] + [""]
     out += ["## Settings", ""] + _settings(preset) + [""]
     out += ["## Gradient norms at initialization",
-            "", "Last layer's |dL/dW2| (FFN output kernel, `mlp/down`), mean ± std over seeds:", "",
+            "", "Last layer's |dL/dW2| (FFN output kernel, `mlp/down`), mean ± std over seeds:",
+            "",
             gradnorm_table(results.gradnorm), ""]
     for task in tasks:
         out += [f"## Training sweep: {task}", "",

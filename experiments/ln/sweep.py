@@ -92,18 +92,24 @@ def _valid_loss(state, valid, task):
 
 
 @functools.lru_cache(maxsize=16)
-def _model(config):
+def cached_model(config):
     return build(config)
 
 
-def init_state(config, task: str, tx, key) -> TrainState:
-    """A fresh TrainState from a raw PRNGKey, initialised eagerly (op by op): compiling
-    init would cost more than running it once. Splits the key as create_train_state."""
-    model = _model(config)
+def init_params(config, task: str, key):
+    """Fresh parameters, initialised eagerly (op by op) on a fixed example input:
+    compiling init (its random-number generation above all) costs seconds per model,
+    while eager ops are compiled once per shape and then shared by every seed, run
+    and study using the same model."""
     args, kwargs = TASKS[task].inputs(TASKS[task].example_batch(config, 1, config.max_len))
+    return cached_model(config).init(key, *args, **kwargs, deterministic=True)["params"]
+
+
+def init_state(config, task: str, tx, key) -> TrainState:
+    """A fresh TrainState from a raw PRNGKey, split as `create_train_state` does."""
     params_key, dropout_key = jax.random.split(key)
-    params = model.init(params_key, *args, **kwargs, deterministic=True)["params"]
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_key)
+    state = TrainState.create(apply_fn=cached_model(config).apply, params=init_params(
+        config, task, params_key), tx=tx, rng=dropout_key)
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
@@ -155,11 +161,13 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
     t0, cpu0 = time.perf_counter(), time.process_time()
     task, tx = specs[0].task, make_tx(sweep)
     hp = _hparams(specs, sweep)
-    keys = jnp.stack([jax.random.PRNGKey(s.seed) for s in specs])
+    # One unbatched init per distinct seed, the same for both paths; runs share them.
+    inits = {seed: init_state(config, task, tx, jax.random.PRNGKey(seed))
+             for seed in dict.fromkeys(s.seed for s in specs)}
     if batched:
-        state = jax.vmap(lambda k: init_state(config, task, tx, k))(keys)
+        state = jax.tree.map(lambda *xs: jnp.stack(xs), *[inits[s.seed] for s in specs])
     else:
-        state, hp = init_state(config, task, tx, keys[0]), jax.tree.map(lambda x: x[0], hp)
+        state, hp = inits[specs[0].seed], jax.tree.map(lambda x: x[0], hp)
     train, valid = jax.device_put(train), jax.device_put(valid)
     chunk_fn, valid_fn = _programs(sweep, batched)
     key = (config, sweep, len(specs) if batched else None)

@@ -58,7 +58,8 @@ def _slope(depths, values) -> float:
 def claim1(gn_rows: list[dict]) -> list[Verdict]:
     """1a: last layer vs depth (Theorem 1); 1b: the per-layer profile (Fig. 3)."""
     claim = ("1a. At initialization post-LN's last-layer FFN gradient is larger than pre-LN's, "
-             "by a gap that grows with depth: post-LN's does not shrink with L, pre-LN's ~ 1/sqrt(L)")
+             "by a gap that grows with depth: post-LN's does not shrink with L, "
+             "pre-LN's ~ 1/sqrt(L)")
     claim_b = ("1b. Per layer, post-LN's W2 gradient grows toward the top of the stack while "
                "pre-LN's stays flat (their Fig. 3)")
     tops = top_layer_means(gn_rows)
@@ -210,17 +211,19 @@ def speed(runs: list[dict], task: str) -> tuple[str, list[str]]:
 
 
 def claim3(runs: list[dict]) -> Verdict:
-    claim = ("3. BERT: pre-LN without warm-up reaches a given validation loss in fewer updates than "
-             "post-LN with warm-up; post-LN at the higher learning rate diverges")
+    claim = ("3. BERT: pre-LN without warm-up reaches a given validation loss in fewer updates "
+             "than post-LN with warm-up; post-LN at the higher learning rate diverges")
     status, evidence = speed(runs, "mlm")
     m_runs = [r for r in runs if r["task"] == "mlm"]
     if m_runs:
         lr = max(r["peak_lr"] for r in m_runs)
         for placement in ("post", "pre"):
-            c = [r for r in m_runs if r["placement"] == placement and math.isclose(r["peak_lr"], lr)]
+            c = [r for r in m_runs
+                 if r["placement"] == placement and math.isclose(r["peak_lr"], lr)]
             evidence.append(f"mlm, {placement}-LN at the highest lr {lr:g}, all warm-ups: "
                             f"{describe(c)}")
         escaped = sum(r["escaped_plateau"] for r in m_runs)
-        evidence.append(f"mlm: {escaped}/{len(m_runs)} runs got {PLATEAU_MARGIN} nats below the unigram "
-                        f"baseline ({m_runs[0]['unigram_loss']:.3f}) within {m_runs[0]['steps']} steps")
+        evidence.append(f"mlm: {escaped}/{len(m_runs)} runs got {PLATEAU_MARGIN} nats below the "
+                        f"unigram baseline ({m_runs[0]['unigram_loss']:.3f}) within "
+                        f"{m_runs[0]['steps']} steps")
     return Verdict(claim, status, evidence)

@@ -120,6 +120,10 @@ def check_exportable(config, family: str) -> None:
         if getattr(config, field) != value:
             raise ValueError(f"config.{field}={getattr(config, field)!r} cannot be exported to an "
                              f"HF {family} checkpoint, which needs {field}={value!r}")
+    if config.vocab_pad_multiple != 1:
+        raise ValueError(f"config.vocab_pad_multiple={config.vocab_pad_multiple} pads the embedding "
+                         f"table; HF {family} has exactly vocab_size rows. Slice the table to "
+                         "vocab_size and export with vocab_pad_multiple=1")
     if config.num_kv_heads not in (None, config.num_heads):
         raise ValueError(f"config.num_kv_heads={config.num_kv_heads} (grouped-query attention) "
                          f"cannot be exported to HF {family}, which has num_heads key/value heads")
