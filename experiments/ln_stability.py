@@ -14,9 +14,12 @@ Re-running with the same --out skips the work already recorded there.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 from pathlib import Path
+
+import jax
 
 from experiments.ln import bench, report
 from experiments.ln.presets import PRESETS, get_preset
@@ -52,8 +55,10 @@ def main(argv=None) -> Path:
         for sweep in preset.sweeps:
             bench.run_sweep(preset, sweep, out, cache, log)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    timing = None if args.report_only else {"wall_s": time.perf_counter() - start,
-                                            "cpu_s": usage.ru_utime + usage.ru_stime}
+    timing = None if args.report_only else {
+        "wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+        "machine": f"JAX {jax.__version__}, backend {jax.default_backend()}, "
+                   f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"}
     path = report.write_report(preset, out, timing)
     log(f"report: {path}")
     return path

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import ln_stability
-from experiments.ln import analysis, records
+from experiments.ln import analysis, records, verdicts
 from experiments.ln.data import load_task_data
 from experiments.ln.presets import get_preset, model_config
 from experiments.ln.sweep import RunSpec, group_specs, learning_rate, run_group
@@ -35,7 +35,7 @@ def _lines(path):
 def test_micro_writes_report_csv_and_plots(micro):
     report = (micro / "report.md").read_text()
     assert "## Verdicts" in report
-    for claim in ("**1a.", "**1b.", "**2.", "**3."):
+    for claim in ("**1a.", "**1b.", "**2a.", "**2b.", "**3."):
         assert claim in report
     rows = list(csv.DictReader((micro / "summary.csv").open()))
     expected = {s.run_id for sweep in PRESET.sweeps for p in sweep.placements
@@ -138,3 +138,30 @@ def test_bad_names_raise_value_errors():
     with pytest.raises(ValueError, match="batched=False"):
         run_group(None, [RunSpec("lm", "pre", 1e-3, 0, 0)] * 2, PRESET.sweeps[0], {}, {},
                   batched=False)
+
+
+def _run(placement, lr, warmup, seed, final, escaped=True, diverged_at=None):
+    curve = [6.0, 5.5, final]
+    return {"task": "lm", "placement": placement, "peak_lr": lr, "warmup": warmup, "seed": seed,
+            "final_val_loss": final, "val_loss": curve, "val_steps": [0, 10, 20],
+            "escaped_plateau": escaped, "diverged": diverged_at is not None,
+            "diverged_at": diverged_at, "unigram_loss": 5.3, "steps": 20}
+
+
+def test_verdicts_on_synthetic_records():
+    """Claim 2 holds when post-LN fails only without warm-up and pre-LN trains; it is
+    not called supported when post-LN trains either way."""
+    good = [_run(p, 1e-3, w, s, 4.5) for p in ("post", "pre") for w in (0, 10) for s in (0, 1)]
+    bad = [_run("post", 1e-3, 0, s, 5.3, escaped=False, diverged_at=None if s else 10)
+           if r["placement"] == "post" and r["warmup"] == 0 else r for s, r in
+           zip([0, 1] * 4, good)]
+    claim_a = verdicts.claim2(bad, ["lm"])[0]
+    assert claim_a.status == verdicts.SUPPORTED
+    assert "diverged 1/2 (steps 10)" in " ".join(claim_a.evidence)
+    assert verdicts.claim2(good, ["lm"])[0].status == verdicts.NOT_REPRODUCED
+    gn = [{"placement": p, "depth": d, "seed": 0, "w2": [1.0] * (d - 1) + [top],
+           "w1": [1.0] * d, "attention": [1.0] * d}
+          for p, d, top in (("post", 4, 2.0), ("post", 16, 2.0), ("pre", 4, 1.0), ("pre", 16, 0.5))]
+    claim_a, claim_b = verdicts.claim1(gn)
+    assert claim_a.status == verdicts.SUPPORTED and "-0.50" in claim_a.evidence[2]
+    assert claim_b.status in (verdicts.SUPPORTED, verdicts.PARTLY)

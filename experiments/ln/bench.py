@@ -80,52 +80,72 @@ def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log:
     train = data.train_batches(sweep.seeds, sweep.steps, sweep.batch_size)
     valid = data.valid_batches(sweep.eval_batches, sweep.batch_size)
     unigram = analysis.unigram_loss(sweep.task, train, valid, data.vocab_size)
-    results = {}
+    batched = {}
     for placement in todo:
-        results[placement] = _run_placement(preset, sweep, placement, train, valid, unigram,
-                                            out_dir, log)
+        record = _recorder(preset, sweep, placement, unigram, out_dir, log)
+        batched.update(_run_placement(preset, sweep, placement, train, valid, log, record))
     if checks:
-        _run_checks(preset, sweep, checks, train, valid, results, out_dir, log)
+        _run_checks(preset, sweep, checks, train, valid, batched, out_dir, log)
 
 
-def _run_placement(preset, sweep, placement, train, valid, unigram, out_dir, log):
-    fp, specs = preset.fingerprint(sweep), group_specs(sweep, placement)
+def _run_placement(preset, sweep, placement, train, valid, log, record=None):
+    """The placement's grid as one vmapped program (or several of at most
+    `sweep.max_vmap` runs); `record(specs, result)` after each.
+    -> {run_id: (GroupResult, index in it)}."""
+    specs = group_specs(sweep, placement)
     config = model_config(preset, sweep.task, placement, sweep.num_layers, sweep.width)
-    name = f"{sweep.task}/{placement}"
-    log(f"sweep {name}: {len(specs)} runs x {sweep.steps} steps in one vmapped program")
-    progress = lambda i, n: log(f"  {name}: step {i * sweep.steps // n}/{sweep.steps}", True)
-    result = run_group(config, specs, sweep, train, valid, progress=progress)
-    rows = [analysis.run_record(s, result, i, unigram, fp) for i, s in enumerate(specs)]
-    records.append(out_dir, records.RUNS, rows)
-    records.append(out_dir, records.GROUPS, [{
-        "fingerprint": fp, "task": sweep.task, "placement": placement, "runs": len(specs),
-        "steps": sweep.steps, "compile_s": result.compile_s, "run_s": result.run_s,
-        "cpu_s": result.cpu_s}])
-    failed = sum(r["diverged"] or not r["escaped_plateau"] for r in rows)
-    log(f"sweep {name}: done in {result.wall_s:.1f}s (compile {result.compile_s:.1f}s); "
-        f"{failed}/{len(rows)} runs diverged or stayed on the unigram plateau")
-    return result
+    size = sweep.max_vmap or len(specs)
+    found = {}
+    for start in range(0, len(specs), size):
+        part = specs[start:start + size]
+        name = f"{sweep.task}/{placement}" + (f" [{start + 1}-{start + len(part)}]"
+                                              if size < len(specs) else "")
+        log(f"sweep {name}: {len(part)} runs x {sweep.steps} steps in one vmapped program")
+        progress = lambda i, n: log(f"  {name}: step {i * sweep.steps // n}/{sweep.steps}", True)
+        result = run_group(config, part, sweep, train, valid, progress=progress)
+        found.update({s.run_id: (result, i) for i, s in enumerate(part)})
+        log(f"sweep {name}: done in {result.wall_s:.1f}s (compile {result.compile_s:.1f}s)")
+        if record:
+            record(part, result)
+    return found
 
 
-def _run_checks(preset, sweep, checks, train, valid, results, out_dir, log):
+def _recorder(preset, sweep, placement, unigram, out_dir, log):
+    fp = preset.fingerprint(sweep)
+
+    def record(specs, result):
+        rows = [analysis.run_record(s, result, i, unigram, fp) for i, s in enumerate(specs)]
+        records.append(out_dir, records.RUNS, rows)
+        records.append(out_dir, records.GROUPS, [{
+            "fingerprint": fp, "task": sweep.task, "placement": placement, "runs": len(specs),
+            "steps": sweep.steps, "compile_s": result.compile_s, "run_s": result.run_s,
+            "cpu_s": result.cpu_s}])
+        failed = sum(r["diverged"] or not r["escaped_plateau"] for r in rows)
+        log(f"  {failed}/{len(rows)} runs diverged or stayed on the unigram plateau")
+    return record
+
+
+def _run_checks(preset, sweep, checks, train, valid, batched, out_dir, log):
     """Re-run `checks` one by one (reusing one compiled unbatched program) and compare
-    with the vmapped runs' curves."""
+    with the vmapped runs' curves (`batched`: run_id -> (GroupResult, index))."""
     fp, placement = preset.fingerprint(sweep), checks[0].placement
     config = model_config(preset, sweep.task, placement, sweep.num_layers, sweep.width)
-    batched = results.get(placement)
-    if batched is None:   # resumed after the group finished: redo it for the comparison
-        batched = run_group(config, group_specs(sweep, placement), sweep, train, valid)
-    index = {s.run_id: i for i, s in enumerate(batched.specs)}
+    if any(s.run_id not in batched for s in checks):
+        # Resumed after the group was recorded: redo it (quietly) for the comparison.
+        log(f"check: the vmapped runs of {sweep.task}/{placement} again, for the comparison")
+        batched = _run_placement(preset, sweep, placement, train, valid, log)
     for spec in checks:
         single = run_group(config, [spec], sweep, train, valid, batched=False)
-        i = index[spec.run_id]
-        d_train = float(np.nanmax(np.abs(single.metrics["loss"][0] - batched.metrics["loss"][i])))
-        d_val = float(np.nanmax(np.abs(single.val_loss[0] - batched.val_loss[i])))
+        batched_result, i = batched[spec.run_id]
+        d_train = float(np.nanmax(np.abs(single.metrics["loss"][0]
+                                         - batched_result.metrics["loss"][i])))
+        d_val = float(np.nanmax(np.abs(single.val_loss[0] - batched_result.val_loss[i])))
         records.append(out_dir, records.CHECKS, [{
             "fingerprint": fp, "run_id": spec.run_id, "max_abs_diff_train_loss": d_train,
             "max_abs_diff_val_loss": d_val, "passed": max(d_train, d_val) <= CHECK_TOLERANCE,
             "compile_s": single.compile_s, "run_s": single.run_s, "cpu_s": single.cpu_s,
-            "group_runs": len(batched.specs), "group_compile_s": batched.compile_s,
-            "group_run_s": batched.run_s, "group_cpu_s": batched.cpu_s}])
+            "group_runs": len(batched_result.specs),
+            "group_compile_s": batched_result.compile_s,
+            "group_run_s": batched_result.run_s, "group_cpu_s": batched_result.cpu_s}])
         log(f"check {spec.run_id}: one-by-one vs vmapped max |d loss| = "
             f"{max(d_train, d_val):.2e} ({single.wall_s:.1f}s alone)")

@@ -13,14 +13,15 @@ import os
 import numpy as np
 
 from experiments.ln.presets import TASKS, Preset
-from transformer_jax.data import BertDataConfig, GPTDataConfig, make_datasets, stdlib_corpus
+from transformer_jax.data import (BertDataConfig, ExampleDataset, GPTDataConfig, make_datasets,
+                                  stdlib_corpus)
 
 
 @dataclasses.dataclass
 class TaskData:
     vocab_size: int
-    train: object      # ExampleDataset
-    valid: object
+    train: ExampleDataset
+    valid: ExampleDataset
 
     def train_batches(self, seeds, steps: int, batch_size: int) -> dict[str, np.ndarray]:
         """{field: [num_seeds, steps, batch, ...]}: the stream of each data seed."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -77,11 +78,12 @@ def gradnorm_depth(rows: list[dict], path: Path) -> str:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(depths, [str(d) for d in depths])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("number of layers L")
     ax.set_ylabel("last layer |dL/dW2| at init")
     ax.set_title("Last-layer FFN gradient norm vs depth")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)
 
 
