@@ -1,6 +1,5 @@
 """Attention kernels and MultiHeadAttention against the float64 numpy reference."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference

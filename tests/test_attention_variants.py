@@ -392,7 +392,6 @@ def test_encoder_decoder_keeps_cross_attention_dense():
     """A sparse self-attention kind leaves cross-attention dense (LED / BigBird
     encoder-decoders), and Linformer is refused because the decoder is causal."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import pytest
     from transformer_jax.models import EncoderDecoder, get_config

@@ -1,6 +1,5 @@
 """Blocks: residual placements against hand-written float64 formulas."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference

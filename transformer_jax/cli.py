@@ -6,7 +6,6 @@ naming the flag, the value and what is valid, and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 

@@ -11,7 +11,6 @@ A run directory holds
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
