@@ -3,12 +3,16 @@ ceiling measured in the same process.
 
     python -m experiments.bench_throughput --preset gpt2-small --batch 4 --seq 256          # CPU
     python -m experiments.bench_throughput --preset gpt2-small --batch 12 --seq 1024 \\
-        --dtype bfloat16 --attention cudnn --compare attention=xla                          # GPU
+        --set vocab_pad_multiple=128 --compare attention=xla --compare plain              # GPU
 
 Prints step time (median of --steps after compilation), tokens/s, model TFLOP/s,
 the fraction of a square matmul's FLOP/s measured here (fp32 on CPU, the compute
-dtype elsewhere), compile time and peak memory. `--compare field=value` adds a
-variant row measured in the same run, so every ratio is taken side by side.
+dtype elsewhere), compile time, the compiled step's memory and the loss after the
+timed steps (every row starts from the same seed and batch, so losses compare).
+`--set field=value` changes the baseline; `--compare field=value` (any config
+field, plus `attention=KIND` and `donate=false`) or `--compare plain` (every
+switch off) adds a variant row measured in the same run, so every ratio is
+taken side by side.
 
 FLOPs per token follow nanoGPT: 6 N + 12 L d T with N excluding position
 embeddings (Kaplan et al. 2020, arXiv 2001.08361). For BERT the MLM head runs only
@@ -17,15 +21,22 @@ at the predicted positions, so its FLOPs are counted only there.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
+import flax
 import jax
+from flax import traverse_util
+import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.models import get_config
-from transformer_jax.training import (count_params, create_train_state, get_task, make_optimizer,
-                                      make_train_step, measure_matmul_peak, task_for_config)
+from transformer_jax.models import build, get_config
+from transformer_jax.stacks import stack_layers
+from transformer_jax.training.step import compute_grads, compute_loss
+from transformer_jax.training import (count_params, create_train_state, get_task, init_params,
+                                      make_optimizer, make_train_step, measure_matmul_peak,
+                                      task_for_config)
 
 
 def random_batch(task: str, config, batch: int, seq: int, seed: int = 0) -> dict:
@@ -54,11 +65,42 @@ def flops_per_token(config, params, task: str, batch: dict, seq: int) -> float:
     return 6 * (n - head) + 6 * head * frac + attention
 
 
-def measure(config, task: str, batch_size: int, seq: int, steps: int) -> dict:
+def _layout_only(config):
+    """The config with every field that leaves the plain parameter tree unchanged reset."""
+    fields = dict(vocab_pad_multiple=1, scan_layers=False, fused_qkv=True, remat="none",
+                  attention={"kind": "xla"}, dtype="float32")
+    if hasattr(config, "loss_chunk"):
+        fields["loss_chunk"] = 0
+    return config.replace(**fields)
+
+
+@functools.lru_cache(maxsize=4)
+def _plain_params(config, task: str):
+    # Drawn once per run (initialising GPT-2 takes seconds), converted per row.
+    return init_params(config, jax.random.PRNGKey(0), task=task)[0]
+
+
+def same_start(config, task: str):
+    """Parameters for `config` drawn in the plain layout (unpadded vocabulary, unrolled
+    layers) and converted, so that every row of a run starts from the same weights
+    and their losses after the timed steps compare the arithmetic, not the init."""
+    params = jax.tree.map(jnp.copy, _plain_params(_layout_only(config), task))  # steps donate
+    flat = traverse_util.flatten_dict(params)
+    for path, table in flat.items():
+        extra = config.padded_vocab_size - table.shape[0]
+        if path[-3:] == ("embeddings", "token", "embedding") and extra:
+            rows = config.init_std * jax.random.normal(jax.random.PRNGKey(1), (extra, table.shape[1]))
+            flat[path] = jnp.concatenate([table, rows.astype(table.dtype)])
+    params = traverse_util.unflatten_dict(flat)
+    return stack_layers(params, config.num_layers) if config.scan_layers else params
+
+
+def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bool = True) -> dict:
     tx = make_optimizer(1e-4)
-    state = create_train_state(config, tx, jax.random.PRNGKey(0), task=task)
+    state = create_train_state(config, tx, jax.random.PRNGKey(0), task=task,
+                               params=same_start(config, task))
     batch = jax.device_put(random_batch(task, config, batch_size, seq))
-    step = make_train_step(get_task(task))
+    step = make_train_step(get_task(task), donate=donate)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -75,31 +117,77 @@ def measure(config, task: str, batch_size: int, seq: int, steps: int) -> dict:
     dt = statistics.median(times)
     tokens = batch_size * seq
     return {"step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "model_tflops": fpt * tokens / dt / 1e12,
-            "compile_s": compile_s, "peak_mem_gb": _peak_memory(compiled),
-            "loss": float(metrics["loss"])}
+            "compile_s": compile_s, "program_gb": _program_memory(compiled) / 1e9,
+            "loss": float(metrics["loss"]), "steps": int(state.step)}
 
 
-def _peak_memory(compiled) -> float:
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"] / 1e9
-    analysis = compiled.memory_analysis()  # CPU: the compiled program's own buffers
-    total = sum(getattr(analysis, f, 0) or 0 for f in
-                ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"))
-    return total / 1e9
+def breakdown(config, task: str, batch_size: int, seq: int, steps: int) -> dict:
+    """Median ms of the step's parts, each jitted alone: the loss (forward), the loss
+    and gradients (forward + backward); the rest of a step is the optimizer update
+    and the metrics."""
+    params = same_start(config, task)
+    model = build(config)
+    batch = jax.device_put(random_batch(task, config, batch_size, seq))
+    t = get_task(task)
+    rng = jax.random.PRNGKey(0)
+    parts = {"forward": jax.jit(lambda p, b: compute_loss(model.apply, p, b, rng, t)["loss"]),
+             "forward+backward": jax.jit(lambda p, b: compute_grads(model.apply, p, b, rng, t)[2])}
+    out = {}
+    for name, fn in parts.items():
+        compiled = fn.lower(params, batch).compile()
+        jax.block_until_ready(compiled(params, batch))
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(params, batch))
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times) * 1e3
+    return out
 
 
-def _parse_compare(items: list[str]) -> list[dict]:
-    variants = []
-    for item in items:
-        fields = {}
-        for kv in item.split(","):
-            key, sep, value = kv.partition("=")
-            if not sep:
-                raise SystemExit(f"--compare {item!r}: expected field=value[,field=value]")
-            fields[key] = int(value) if value.isdigit() else value
-        variants.append(fields)
-    return variants
+def _program_memory(compiled) -> float:
+    """Bytes the compiled step needs (its own account: arguments + outputs + temporaries
+    - donated aliases), per row; the device's peak counter only grows across rows."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return float("nan")
+    return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+                 - m.alias_size_in_bytes)
+
+
+# Every speed switch off: XLA attention, separate Q/K/V matmuls, whole logits,
+# unpadded vocabulary, unrolled layers, no buffer donation (`--compare plain`).
+PLAIN = {"attention": "xla", "fused_qkv": False, "loss_chunk": 0, "vocab_pad_multiple": 1,
+         "scan_layers": False, "remat": "none", "donate": False}
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return int(text) if text.isdigit() else text
+
+
+def _parse_fields(item: str) -> dict:
+    if item == "plain":
+        return dict(PLAIN)
+    fields = {}
+    for kv in item.split(","):
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"{item!r}: expected field=value[,field=value] or 'plain'")
+        fields[key] = _value(value)
+    return fields
+
+
+def _apply(config, fields: dict):
+    """(config with `fields` set, donate flag); "attention" names the kernel kind."""
+    fields = dict(fields)
+    donate = fields.pop("donate", True)
+    if "attention" in fields:
+        fields["attention"] = {"kind": fields["attention"]}
+    if "loss_chunk" in fields and not hasattr(config, "loss_chunk"):
+        fields.pop("loss_chunk")   # only GPT computes its loss in chunks
+    return config.replace(**fields), donate
 
 
 def main(argv=None) -> None:
@@ -108,38 +196,64 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
-    p.add_argument("--attention", default="xla")
+    p.add_argument("--attention", default="auto")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--matmul-size", type=int, default=None)
-    p.add_argument("--compare", action="append", default=[], help="variant, e.g. attention=xla")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the baseline's forward and forward+backward alone")
+    p.add_argument("--set", action="append", default=[], help="baseline fields, e.g. vocab_pad_multiple=128")
+    p.add_argument("--compare", action="append", default=[],
+                   help="a variant row: field=value[,field=value] (attention=xla, donate=false, ...) or 'plain'")
     args = p.parse_args(argv)
     cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
     base = get_config(args.preset, dtype=dtype, attention={"kind": args.attention},
                       dropout=0.0, attention_dropout=0.0)
+    base_fields = {}
+    for item in args.set:
+        base_fields.update(_parse_fields(item))
+    base, base_donate = _apply(base, base_fields)
     task = task_for_config(base)
-    ceiling = measure_matmul_peak(dtype, args.matmul_size or (2048 if cpu else 8192)) / 1e12
-    print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
-          f"{dtype} matmul ceiling {ceiling:.2f} TFLOP/s")
-    print(f"{'variant':32} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'of ceiling':>10} "
-          f"{'compile s':>9} {'mem GB':>7} {'loss':>7}")
-    rows = [("baseline", base)] + [(",".join(f"{k}={v}" for k, v in v.items()), base.replace(
-        **{k: ({"kind": val} if k == "attention" else val) for k, val in v.items()}))
-        for v in _parse_compare(args.compare)]
+    size = args.matmul_size or (2048 if cpu else 8192)
+    repeats = 5 if cpu else 20
+    ceiling = measure_matmul_peak(dtype, size, repeats) / 1e12
+    print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"flax {flax.__version__}; {args.preset} batch {args.batch}x{args.seq}, {dtype}", flush=True)
+    rows = [("baseline" + (f" ({','.join(args.set)})" if args.set else ""), base, base_donate)]
+    for item in args.compare:
+        config, donate = _apply(base, {**({"donate": base_donate}), **_parse_fields(item)})
+        rows.append((item, config, donate))
     results = []
-    for name, config in rows:
-        r = measure(config, task, args.batch, args.seq, args.steps)
+    for name, config, donate in rows:
+        try:
+            r = measure(config, task, args.batch, args.seq, args.steps, donate)
+        except Exception as e:  # one failing variant must not lose the others' numbers
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            results.append(None)
+            continue
         # Re-measure the ceiling beside every row and keep the best: on a shared
         # machine a single early measurement can land in a busy moment.
-        ceiling = max(ceiling, measure_matmul_peak(dtype, args.matmul_size or (2048 if cpu else 8192)) / 1e12)
+        ceiling = max(ceiling, measure_matmul_peak(dtype, size, repeats) / 1e12)
         results.append(r)
-        print(f"{name:32} {r['step_ms']:9.1f} {r['tokens_per_s']:10.0f} {r['model_tflops']:8.3f} "
-              f"{r['model_tflops'] / ceiling:10.1%} {r['compile_s']:9.1f} {r['peak_mem_gb']:7.2f} "
-              f"{r['loss']:7.3f}")
-    print(f"best {dtype} matmul ceiling seen: {ceiling:.3f} TFLOP/s")
-    if len(results) > 1:
-        for (name, _), r in zip(rows[1:], results[1:]):
-            print(f"{name}: {results[0]['step_ms'] / r['step_ms']:.2f}x baseline speed")
+        print(f"  {name}: {r['step_ms']:.2f} ms, {r['tokens_per_s']:,.0f} tok/s, "
+              f"{r['model_tflops'] / ceiling:.1%} of {ceiling:.1f} TFLOP/s, compile {r['compile_s']:.1f} s, "
+              f"{r['program_gb']:.2f} GB, loss {r['loss']:.5f}", flush=True)
+    if args.breakdown and results[0]:
+        parts = breakdown(base, task, args.batch, args.seq, args.steps)
+        print("baseline breakdown: " + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
+              + f", full step {results[0]['step_ms']:.2f} ms", flush=True)
+    print(f"\n{dtype} {size}^3 matmul ceiling (best seen in this process): {ceiling:.2f} TFLOP/s")
+    print(f"| variant | step ms | tokens/s | model TFLOP/s | of ceiling | vs baseline | compile s "
+          f"| program GB | loss after {results[0]['steps'] if results[0] else '?'} steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (name, _, _), r in zip(rows, results):
+        if r is None:
+            print(f"| {name} | failed | | | | | | | |")
+            continue
+        speed = f"{results[0]['step_ms'] / r['step_ms']:.2f}x" if results[0] else ""
+        print(f"| {name} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | {r['model_tflops']:.3g} "
+              f"| {r['model_tflops'] / ceiling:.1%} | {speed} | {r['compile_s']:.1f} "
+              f"| {r['program_gb']:.2f} | {r['loss']:.5f} |")
 
 
 if __name__ == "__main__":

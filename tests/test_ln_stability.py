@@ -165,3 +165,44 @@ def test_verdicts_on_synthetic_records():
     claim_a, claim_b = verdicts.claim1(gn)
     assert claim_a.status == verdicts.SUPPORTED and "-0.50" in claim_a.evidence[2]
     assert claim_b.status in (verdicts.SUPPORTED, verdicts.PARTLY)
+
+
+MULTI_DEVICE = r"""
+import sys, numpy as np, jax
+from experiments.ln.data import load_task_data
+from experiments.ln.presets import get_preset, model_config
+from experiments.ln.sweep import group_specs, run_group
+preset = get_preset("micro"); sweep = preset.sweeps[0]
+data = load_task_data(preset, sweep.task, sys.argv[1])
+train = data.train_batches(sweep.seeds, sweep.steps, sweep.batch_size)
+valid = data.valid_batches(sweep.eval_batches, sweep.batch_size)
+config = model_config(preset, sweep.task, "pre", sweep.num_layers, sweep.width)
+specs = group_specs(sweep, "pre")[:3]            # 3 runs on 2 devices: one padding run
+assert len(jax.local_devices()) == 2
+spread = run_group(config, specs, sweep, train, valid)
+alone = run_group(config, specs, sweep, train, valid, devices=jax.local_devices()[:1])
+assert spread.metrics["loss"].shape[0] == 3 and spread.val_loss.shape[0] == 3
+print(float(np.abs(spread.metrics["loss"] - alone.metrics["loss"]).max()),
+      float(np.abs(spread.val_loss - alone.val_loss).max()),
+      float(np.abs(spread.metrics["loss"][0] - spread.metrics["loss"][1]).max()))
+"""
+
+
+def test_sweep_spreads_runs_over_devices_like_one_device(micro):
+    """The vmapped group sharded over 2 (fake CPU) devices, padded to an even count,
+    gives the one-device group's losses; runs differ from each other (so it can fail)."""
+    import os
+    import subprocess
+    import sys
+    fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2 "
+        + fast_compile).strip()}
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    result = subprocess.run([sys.executable, "-c", MULTI_DEVICE, str(micro / ".cache")], env=env,
+                            capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train_diff, valid_diff, between_runs = map(float, result.stdout.split()[-3:])
+    assert train_diff <= 1e-5 and valid_diff <= 1e-5
+    assert between_runs > 1e-4

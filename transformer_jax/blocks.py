@@ -35,7 +35,7 @@ def _inits(config: TransformerConfig, beta: float):
 # Kernels that attend between any query and key lengths; the position-based
 # patterns (local windows, BigBird blocks, Linformer's fixed length) are defined
 # for self-attention only.
-DENSE_KINDS = ("xla", "cudnn", "chunked")
+DENSE_KINDS = ("auto", "xla", "cudnn", "chunked")
 
 
 def cross_attention_config(attention: AttentionConfig) -> AttentionConfig:
@@ -102,7 +102,7 @@ class _ResidualBlock(nn.Module):
             dropout_rate=cfg.attention_dropout, use_bias=cfg.use_bias, rope_base=cfg.rope_base,
             dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, kernel_init=init,
             value_init=scaled, out_init=scaled, logical_partitioning=cfg.logical_partitioning,
-            name=name, **kwargs)
+            fused_qkv=cfg.fused_qkv, name=name, **kwargs)
 
     def mlp(self):
         return FeedForward(self.config, kernel_init=_inits(self.config, self.beta)[1], name="mlp")

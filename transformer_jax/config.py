@@ -84,6 +84,14 @@ class TransformerConfig:
     # 50304) so the output matmul tiles evenly on accelerators; logits are sliced
     # back to vocab_size, so the extra rows never reach the loss. 1 = no padding.
     vocab_pad_multiple: int = 1
+    # Compute Q, K and V with one matmul (the kernels stay three parameters, so
+    # checkpoints and imported weights are unaffected). Same maths.
+    fused_qkv: bool = True
+    # Run the layers with `nn.scan` over one block whose parameters carry a
+    # leading `[num_layers]` axis (under `.../layers/...`): one layer is compiled
+    # instead of L, which cuts compile time for deep models. Same maths; the
+    # parameter tree differs (`stacks.stack_layers` converts).
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
@@ -106,8 +114,9 @@ class TransformerConfig:
         _probability("attention_dropout", self.attention_dropout)
         _choice("remat", self.remat, REMAT_POLICIES)
         _positive("vocab_pad_multiple", self.vocab_pad_multiple)
-        if not isinstance(self.logical_partitioning, bool):
-            raise ValueError(f"logical_partitioning={self.logical_partitioning!r} must be True or False")
+        for name in ("logical_partitioning", "fused_qkv", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"position='rope' needs an even head_dim, got {self.head_dim}")
         if self.embed_combine == "concat" and self.position not in ("learned", "sinusoidal"):

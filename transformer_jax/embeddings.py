@@ -52,6 +52,8 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def position_vectors(self, positions):
+        """int positions `[..., seq]` -> absolute position vectors `[..., seq, d_model]`
+        (the learned table, or the sinusoidal one of Vaswani et al. 2017)."""
         cfg = self.config
         if cfg.position == "learned":
             return self.position(positions)
@@ -59,6 +61,9 @@ class Embeddings(nn.Module):
         return table[positions].astype(cfg.compute_dtype)
 
     def __call__(self, input_ids, token_type_ids=None, positions=None, *, deterministic=True):
+        """input_ids `[..., seq]`, token_type_ids `[..., seq]` (None = all 0), positions
+        `[..., seq]` (None = 0..seq-1; offset by the cache when decoding) ->
+        `[..., seq, d_model]` in the compute dtype."""
         cfg = self.config
         seq = input_ids.shape[-1]
         if positions is None:

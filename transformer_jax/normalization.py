@@ -13,14 +13,17 @@ import flax.linen as nn
 
 
 def make_norm(norm_type: str, eps: float, dtype, param_dtype, name: str) -> nn.Module:
-    """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467).
-    Flax computes both norms' statistics in float32 for half-precision inputs."""
+    """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467)
+    over the last axis: `[..., d]` -> `[..., d]`, with scale (and LayerNorm's bias)
+    `[d]`. Flax computes both norms' statistics in float32 for half-precision inputs."""
     if norm_type == "rmsnorm":
         return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def has_final_norm(placement: str) -> bool:
+    """Whether a stack with this residual placement ends with one more norm (pre and
+    sandwich leave the residual stream unnormalised; post and deepnorm do not)."""
     return placement in ("pre", "sandwich")
 
 
@@ -44,7 +47,8 @@ def deepnorm_constants(arch: str, num_encoder_layers: int = 0, num_decoder_layer
 
 
 def xavier_normal(gain: float = 1.0):
-    """Glorot & Bengio 2010 normal init with a gain; DeepNorm scales W_v, W_o and the
+    """Glorot & Bengio 2010 normal init with a gain, std = gain * sqrt(2 / (fan_in +
+    fan_out)) of a `[fan_in, fan_out]` kernel; DeepNorm scales W_v, W_o and the
     feed-forward weights by gain=beta."""
     return nn.initializers.variance_scaling(gain ** 2, "fan_avg", "normal")
 

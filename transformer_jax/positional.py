@@ -44,9 +44,10 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, base: float = 10000.0) ->
 
 
 def alibi_slopes(num_heads: int) -> jnp.ndarray:
-    """Head slopes of Press et al. 2021 (arXiv 2108.12409, sec. 3): the geometric
-    sequence 2^(-8/n), 2^(-16/n), ...; for n not a power of two, the slopes of the
-    closest smaller power of two followed by every other slope of the next one."""
+    """float32 `[num_heads]` head slopes of Press et al. 2021 (arXiv 2108.12409,
+    sec. 3): the geometric sequence 2^(-8/n), 2^(-16/n), ...; for n not a power of
+    two, the slopes of the closest smaller power of two followed by every other
+    slope of the next one."""
     def power_of_two(n):
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
@@ -60,8 +61,9 @@ def alibi_slopes(num_heads: int) -> jnp.ndarray:
 
 
 def alibi_bias(num_heads: int, q_positions, k_positions, causal: bool) -> jnp.ndarray:
-    """`[..., heads, q, k]` additive bias -slope * distance. Causal models see only
-    k <= q so the distance is q - k; bidirectional encoders use |q - k|."""
+    """q_positions `[..., q]`, k_positions `[..., k]` -> float32 `[..., heads, q, k]`
+    additive bias -slope * distance. Causal models see only k <= q so the distance
+    is q - k; bidirectional encoders use |q - k|."""
     dist = q_positions[..., :, None].astype(jnp.float32) - k_positions[..., None, :]
     dist = dist if causal else jnp.abs(dist)
     return -alibi_slopes(num_heads)[:, None, None] * dist[..., None, :, :]

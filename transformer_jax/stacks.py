@@ -1,16 +1,26 @@
 """Stacks of blocks: `Encoder` and `Decoder`, on already-embedded inputs.
 
 Layers are named `layer_0 ... layer_{L-1}` so per-layer statistics (gradient
-norms in the LN-stability experiment) can be read off the parameter tree.
+norms in the LN-stability experiment) can be read off the parameter tree. With
+`config.scan_layers` the stack is one `nn.scan` over a block whose parameters
+are stacked along a leading `[L]` axis under `layers/block/...`; `stack_layers`
+and `unstack_layers` convert between the two trees.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from transformer_jax.blocks import DecoderBlock, EncoderBlock
 from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import deepnorm_constants, has_final_norm, make_norm
+
+
+def _remat_policy(cfg: TransformerConfig):
+    return None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 def _block_class(cls, cfg: TransformerConfig, static_argnums: tuple[int, ...]):
@@ -18,8 +28,75 @@ def _block_class(cls, cfg: TransformerConfig, static_argnums: tuple[int, ...]):
     parameter tree is unchanged; Python flags are static (argnums count `self` as 0)."""
     if cfg.remat == "none":
         return cls
-    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return nn.remat(cls, static_argnums=static_argnums, policy=policy)
+    return nn.remat(cls, static_argnums=static_argnums, policy=_remat_policy(cfg))
+
+
+class _EncoderStep(nn.Module):
+    """One scan step: (x, broadcast args) -> (x, None); Python flags are attributes."""
+    config: TransformerConfig
+    alpha: float
+    beta: float
+    deterministic: bool
+    sow_weights: bool
+
+    @nn.compact
+    def __call__(self, x, mask, kernel_kwargs):
+        block = EncoderBlock(self.config, alpha=self.alpha, beta=self.beta, name="block")
+        return block(x, mask, self.deterministic, self.sow_weights, **kernel_kwargs), None
+
+
+class _DecoderStep(nn.Module):
+    config: TransformerConfig
+    alpha: float
+    beta: float
+    cross_attention: bool
+    deterministic: bool
+    decode: bool
+    sow_weights: bool
+
+    @nn.compact
+    def __call__(self, x, memory, mask, memory_mask):
+        block = DecoderBlock(self.config, alpha=self.alpha, beta=self.beta,
+                             cross_attention=self.cross_attention, name="block")
+        return block(x, memory, mask, memory_mask, self.deterministic, self.decode,
+                     self.sow_weights), None
+
+
+def _scanned(step_cls, cfg: TransformerConfig, num_broadcast: int, **attrs):
+    """`nn.scan` of a step over cfg.num_layers; parameters, caches and sown values get
+    a leading layer axis (logical name "layers"), dropout keys differ per layer."""
+    body = step_cls
+    if cfg.remat != "none":  # prevent_cse=False: scan already stops the CSE remat guards against
+        body = nn.remat(step_cls, prevent_cse=False, policy=_remat_policy(cfg))
+    scan = nn.scan(body, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,) * num_broadcast, length=cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    return scan(cfg, name="layers", **attrs)
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+    """A parameter tree with `layer_0 ... layer_{L-1}` -> the `scan_layers` tree
+    (`layers/block/...` with a leading `[L]` axis), wherever the layers sit."""
+    if not isinstance(params, dict):
+        return params
+    if "layer_0" in params:
+        rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
+        layers = [params[f"layer_{i}"] for i in range(num_layers)]
+        return {**rest, "layers": {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}}
+    return {k: stack_layers(v, num_layers) for k, v in params.items()}
+
+
+def unstack_layers(params: Any) -> Any:
+    """The inverse of `stack_layers`."""
+    if not isinstance(params, dict):
+        return params
+    if "layers" in params and "block" in params["layers"]:
+        block = params["layers"]["block"]
+        n = jax.tree.leaves(block)[0].shape[0]
+        rest = {k: v for k, v in params.items() if k != "layers"}
+        return {**rest, **{f"layer_{i}": jax.tree.map(lambda x: x[i], block) for i in range(n)}}
+    return {k: unstack_layers(v) for k, v in params.items()}
 
 
 def _final_norm(cfg: TransformerConfig):
@@ -41,6 +118,10 @@ class Encoder(nn.Module):
         alpha, beta = 1.0, 1.0
         if cfg.norm_placement == "deepnorm":
             alpha, beta = deepnorm_constants(self.arch, cfg.num_layers, self.num_decoder_layers)["encoder"]
+        if cfg.scan_layers:
+            x, _ = _scanned(_EncoderStep, cfg, 2, alpha=alpha, beta=beta,
+                            deterministic=deterministic, sow_weights=sow_weights)(x, mask, kernel_kwargs)
+            return _final_norm(cfg)(x) if has_final_norm(cfg.norm_placement) else x
         block = _block_class(EncoderBlock, cfg, static_argnums=(3, 4))
         for i in range(cfg.num_layers):
             x = block(cfg, alpha=alpha, beta=beta, name=f"layer_{i}")(
@@ -62,6 +143,11 @@ class Decoder(nn.Module):
         alpha, beta = 1.0, 1.0
         if cfg.norm_placement == "deepnorm":
             alpha, beta = deepnorm_constants(self.arch, self.num_encoder_layers, cfg.num_layers)["decoder"]
+        if cfg.scan_layers:
+            x, _ = _scanned(_DecoderStep, cfg, 3, alpha=alpha, beta=beta,
+                            cross_attention=self.cross_attention, deterministic=deterministic,
+                            decode=decode, sow_weights=sow_weights)(x, memory, mask, memory_mask)
+            return _final_norm(cfg)(x) if has_final_norm(cfg.norm_placement) else x
         block = _block_class(DecoderBlock, cfg, static_argnums=(5, 6, 7))
         for i in range(cfg.num_layers):
             x = block(cfg, alpha=alpha, beta=beta, cross_attention=self.cross_attention,

@@ -11,6 +11,9 @@ a single run: the equality check and the speed-up baseline.
     train step     `transformer_jax.training.train_step` (skips non-finite updates)
     chunk          lax.scan of `eval_every` steps, then one validation pass
     program        jit(vmap(chunk)) over runs [R, ...]; data shared, indexed by seed
+    devices        the run axis is split over every local device (TPU cores, GPUs):
+                   runs padded to a multiple of the device count, states and
+                   hyper-parameters sharded on "runs", data replicated
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments.ln.presets import Sweep
 from transformer_jax.models import build
@@ -152,25 +156,41 @@ def _programs(sweep: Sweep, batched: bool):
     return jax.jit(chunk, donate_argnums=(0,)), jax.jit(valid)
 
 
+def _spread(state, hp, train, valid, devices):
+    """Runs sharded over `devices` on a 1-D mesh "runs"; data replicated on every one."""
+    mesh = Mesh(np.asarray(devices), ("runs",))
+    runs, whole = NamedSharding(mesh, PartitionSpec("runs")), NamedSharding(mesh, PartitionSpec())
+    return (jax.device_put(state, runs), jax.device_put(hp, runs),
+            jax.device_put(train, whole), jax.device_put(valid, whole))
+
+
 def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: dict, *,
-              batched: bool = True, progress=None) -> GroupResult:
+              batched: bool = True, progress=None, devices=None) -> GroupResult:
     """Train `specs` (one task and placement) together (batched) or as one run
-    (batched=False, len(specs) == 1). `progress(i, n)` is called after each chunk."""
+    (batched=False, len(specs) == 1). `progress(i, n)` is called after each chunk.
+    A batched group is spread over `devices` (default: every local device)."""
     if not batched and len(specs) != 1:
         raise ValueError(f"batched=False runs exactly one spec, got {len(specs)}")
     t0, cpu0 = time.perf_counter(), time.process_time()
     task, tx = specs[0].task, make_tx(sweep)
-    hp = _hparams(specs, sweep)
+    devices = list(devices or jax.local_devices()) if batched else []
+    runs = list(specs)
+    if len(devices) > 1:   # pad with copies of the last run; their results are dropped
+        runs += [specs[-1]] * (-len(specs) % len(devices))
+    hp = _hparams(runs, sweep)
     # One unbatched init per distinct seed, the same for both paths; runs share them.
     inits = {seed: init_state(config, task, tx, jax.random.PRNGKey(seed))
              for seed in dict.fromkeys(s.seed for s in specs)}
     if batched:
-        state = jax.tree.map(lambda *xs: jnp.stack(xs), *[inits[s.seed] for s in specs])
+        state = jax.tree.map(lambda *xs: jnp.stack(xs), *[inits[s.seed] for s in runs])
     else:
         state, hp = inits[specs[0].seed], jax.tree.map(lambda x: x[0], hp)
-    train, valid = jax.device_put(train), jax.device_put(valid)
+    if len(devices) > 1:
+        state, hp, train, valid = _spread(state, hp, train, valid, devices)
+    else:
+        train, valid = jax.device_put(train), jax.device_put(valid)
     chunk_fn, valid_fn = _programs(sweep, batched)
-    key = (config, sweep, len(specs) if batched else None)
+    key = (config, sweep, len(runs) if batched else None, tuple(devices))
     if key not in _COMPILED:   # one compilation per program, reused by later calls
         _COMPILED[key] = chunk_fn.lower(state, hp, train, valid, 0).compile()
     chunk_fn = _COMPILED[key]
@@ -188,6 +208,9 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
     axis = 1 if batched else 0
     metrics = {k: np.concatenate([c[k] for c in chunks], axis) for k in chunks[0]}
     val_loss = np.stack(losses, -1)
+    if batched:   # drop the padding runs
+        metrics = {k: v[:len(specs)] for k, v in metrics.items()}
+        val_loss = val_loss[:len(specs)]
     if not batched:
         metrics = {k: v[None] for k, v in metrics.items()}
         val_loss = val_loss[None]

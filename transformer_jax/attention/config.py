@@ -11,8 +11,9 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     # Which kernel computes softmax(QK^T/sqrt(d))V (or its approximation). A name
-    # registered in `transformer_jax.attention.registry`; "xla" is the reference.
-    kind: str = "xla"
+    # registered in `transformer_jax.attention.registry`; "xla" is the reference,
+    # "auto" (the default) is cuDNN flash attention where it applies, else "xla".
+    kind: str = "auto"
     # chunked (Rabe & Staats 2021, arXiv 2112.05682): query / key chunk lengths.
     query_chunk: int = 128
     key_chunk: int = 128

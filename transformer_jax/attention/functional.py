@@ -25,7 +25,8 @@ from transformer_jax.attention import masks as masks_lib
 
 
 def check_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tuple[int, int]:
-    """Validates q/k/v shapes; returns (heads, kv_heads)."""
+    """Validates q `[..., q_len, heads, head_dim]` and k, v `[..., kv_len, kv_heads,
+    head_dim]` (same rank, heads % kv_heads == 0); returns (heads, kv_heads)."""
     if q.ndim < 3 or k.ndim != q.ndim or v.ndim != q.ndim:
         raise ValueError(
             "attention expects q, k, v of shape [..., seq, heads, head_dim] with the same rank; "
@@ -42,12 +43,14 @@ def check_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> tuple[int, int]
 
 
 def scores_shape(q: jnp.ndarray, k: jnp.ndarray) -> tuple[int, ...]:
+    """The scores' shape `[..., heads, q_len, kv_len]`, batch dims broadcast."""
     batch = jnp.broadcast_shapes(q.shape[:-3], k.shape[:-3])
     return (*batch, q.shape[-2], q.shape[-3], k.shape[-3])
 
 
 def check_broadcast(name: str, x: jnp.ndarray | None, target: tuple[int, ...]) -> None:
-    """Raises a ValueError with both shapes when `x` does not broadcast to `target`."""
+    """Raises a ValueError with both shapes when `x` (a mask or bias) does not
+    broadcast to `target`, the scores' shape `[..., heads, q_len, kv_len]`."""
     if x is None:
         return
     try:
@@ -61,7 +64,8 @@ def check_broadcast(name: str, x: jnp.ndarray | None, target: tuple[int, ...]) -
 
 
 def build_mask(mask, causal: bool, q_len: int, kv_len: int):
-    """Combines a user mask with the causal pattern (query i sees keys <= i)."""
+    """Combines a user mask (broadcastable to `[..., heads, q_len, kv_len]`, or None)
+    with the causal pattern `[1, q_len, kv_len]` (query i sees keys <= i)."""
     if causal:
         if q_len != kv_len:
             raise ValueError(
@@ -96,6 +100,8 @@ def attention_weights(q, k, *, mask=None, bias=None, causal=False, scale=None):
 
 
 def apply_dropout(probs, rate: float, rng, deterministic: bool):
+    """Inverted dropout on attention probabilities of any shape (e.g. `[..., heads,
+    q_len, kv_len]`): kept entries are scaled by 1 / (1 - rate)."""
     if deterministic or rate == 0.0:
         return probs
     if rng is None:

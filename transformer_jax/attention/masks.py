@@ -30,7 +30,8 @@ def padding_mask(valid: jnp.ndarray) -> jnp.ndarray:
 
 
 def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
-    """Logical AND of the masks that are not None (broadcasting); None if all are."""
+    """Logical AND of the masks that are not None; the result has their broadcast
+    shape (e.g. `[..., 1, 1, kv]` and `[1, q, kv]` -> `[..., 1, q, kv]`); None if all are."""
     masks = [m for m in masks if m is not None]
     if not masks:
         return None
@@ -41,5 +42,6 @@ def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
 
 
 def is_key_only(mask: jnp.ndarray | None) -> bool:
-    """True when the mask depends only on the key position (q axis has size 1)."""
+    """True when the mask depends only on the key position: `[..., 1, kv_len]`
+    (query axis of size 1), or no mask."""
     return mask is None or (mask.ndim >= 2 and mask.shape[-2] == 1)

@@ -4,9 +4,12 @@ split as `[..., seq, heads, head_dim]` (Vaswani et al. 2017, arXiv 1706.03762, 3
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax.core import meta
 import jax
 import jax.numpy as jnp
 
@@ -16,6 +19,56 @@ from transformer_jax.attention.config import AttentionConfig
 
 Initializer = Callable[..., Any]
 default_init = nn.initializers.normal(stddev=0.02)
+
+
+class HeadProjection(nn.Module):
+    """The parameters of one `[features] -> [heads, head_dim]` projection, laid out as
+    `nn.DenseGeneral`'s (kernel `[features, heads, head_dim]`, bias `[heads, head_dim]`),
+    returned as arrays so that several can be fused into one matmul."""
+    shape: tuple[int, int, int]
+    use_bias: bool
+    param_dtype: Any
+    kernel_init: Initializer
+    logical_partitioning: bool = False
+
+    @nn.compact
+    def __call__(self):
+        boxed = self.logical_partitioning
+        kernel = self.param("kernel", _flat_init(logical.param_init(
+            self.kernel_init, logical.QKV_KERNEL, boxed)), self.shape, self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", _flat_init(logical.param_init(
+                nn.initializers.zeros, logical.QKV_BIAS, boxed)), self.shape[1:], self.param_dtype)
+        return kernel, bias
+
+
+def _flat_init(init):
+    """Initialise as `nn.DenseGeneral` does: draw `[fan_in, prod(rest)]` and reshape, so
+    fan-based initializers (Xavier for DeepNorm) see the 2-D fans and draws equal
+    DenseGeneral's for the same key."""
+    def wrapped(rng, shape, dtype=jnp.float32):
+        flat = (shape[0], math.prod(shape[1:])) if len(shape) == 3 else (math.prod(shape),)
+        value = init(rng, flat, dtype)
+        if isinstance(value, meta.AxisMetadata):
+            return meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+        return jnp.reshape(value, shape)
+    return wrapped
+
+
+def project_heads(x, weights, dtype):
+    """x `[..., features]` times the kernels of `weights` [(kernel `[features, h_i, head_dim]`,
+    bias | None), ...] -> one `[..., h_i, head_dim]` per kernel. The kernels are
+    concatenated along the head axis and applied as ONE matmul (the fused QKV
+    projection): the same products and sums as separate projections, one wider GEMM."""
+    kernels = [k.astype(dtype) for k, _ in weights]
+    fused = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1)
+    y = jnp.einsum("...f,fhd->...hd", x.astype(dtype), fused)
+    biases = [b for _, b in weights]
+    if biases[0] is not None:
+        y = y + (biases[0] if len(biases) == 1 else jnp.concatenate(biases, 0)).astype(dtype)
+    splits = list(itertools.accumulate(k.shape[1] for k in kernels))[:-1]
+    return jnp.split(y, splits, axis=-2)
 
 
 class MultiHeadAttention(nn.Module):
@@ -49,15 +102,25 @@ class MultiHeadAttention(nn.Module):
     out_init: Initializer | None = None
     # Box parameters with logical axis names (TransformerConfig.logical_partitioning).
     logical_partitioning: bool = False
+    # One matmul for Q, K and V in self-attention (K and V in cross-attention)
+    # instead of three; the parameters stay three separate kernels either way.
+    fused_qkv: bool = True
 
-    def _dense(self, features: int, name: str, init) -> nn.DenseGeneral:
-        """[..., features_in] -> [..., heads, head_dim]."""
-        boxed = self.logical_partitioning
-        return nn.DenseGeneral(features, use_bias=self.use_bias, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name=name,
-                               kernel_init=logical.param_init(init, logical.QKV_KERNEL, boxed),
-                               bias_init=logical.param_init(nn.initializers.zeros, logical.QKV_BIAS,
-                                                            boxed))
+    def _projections(self, inputs_q, inputs_kv, is_self, q_shape, kv_shape):
+        """q `[..., q_len, heads, head_dim]`, k and v `[..., kv_len, kv_heads, head_dim]`."""
+        def weights(name, shape, init):
+            return HeadProjection(shape, self.use_bias, self.param_dtype, init,
+                                  self.logical_partitioning, name=name)()
+        wq = weights("query", (inputs_q.shape[-1], *q_shape), self.kernel_init)
+        wk = weights("key", (inputs_kv.shape[-1], *kv_shape), self.kernel_init)
+        wv = weights("value", (inputs_kv.shape[-1], *kv_shape), self.value_init or self.kernel_init)
+        if not self.fused_qkv:
+            return tuple(project_heads(x, [w], self.dtype)[0]
+                         for x, w in ((inputs_q, wq), (inputs_kv, wk), (inputs_kv, wv)))
+        if is_self:
+            return tuple(project_heads(inputs_q, [wq, wk, wv], self.dtype))
+        k, v = project_heads(inputs_kv, [wk, wv], self.dtype)
+        return project_heads(inputs_q, [wq], self.dtype)[0], k, v
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, *, mask=None, bias=None, causal: bool = False,
@@ -75,9 +138,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={kv_heads}")
         variant = registry.get(self.attention.kind)
 
-        q = self._dense((self.num_heads, head_dim), "query", self.kernel_init)(inputs_q)
-        k = self._dense((kv_heads, head_dim), "key", self.kernel_init)(inputs_kv)
-        v = self._dense((kv_heads, head_dim), "value", self.value_init or self.kernel_init)(inputs_kv)
+        q, k, v = self._projections(inputs_q, inputs_kv, is_self, (self.num_heads, head_dim),
+                                    (kv_heads, head_dim))
         q, k, v = (logical.constrain(t, logical.PER_HEAD) for t in (q, k, v))
 
         q_len = q.shape[-3]

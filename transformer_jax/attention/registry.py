@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.attention import functional
+from transformer_jax.attention import functional, masks as masks_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +96,74 @@ def _cudnn(q, k, v, *, mask, bias, causal, config, extra, dropout_rate, dropout_
         raise ValueError(f"attention.kind='cudnn' cannot run: {reason}. Use kind='xla' instead.")
     if dropout_rate and not deterministic:
         raise ValueError("attention.kind='cudnn' has no attention dropout; set attention_dropout=0")
+    return flash_attention(q, k, v, mask=mask, bias=bias, causal=causal, implementation="cudnn")
+
+
+def flash_attention(q, k, v, *, mask=None, bias=None, causal=False, implementation="cudnn"):
+    """`jax.nn.dot_product_attention` on our shapes (`[..., seq, heads, head_dim]`,
+    masks/biases broadcastable to `[..., heads, q_len, kv_len]`).
+
+    cuDNN takes a general mask only as an additive `[B, N|1, q_len, kv_len]` bias
+    (and then also computes its gradient). A key padding mask `[..., 1, 1, kv_len]`
+    on bidirectional attention goes a cheaper way: softmax attention does not
+    depend on the order of the keys, so each row's valid keys are moved to the
+    front (a stable argsort of the mask) and cuDNN is told how many there are
+    (`key_value_seq_lengths`). That is exact for any padding pattern, left, right
+    or holes, without a data-dependent branch (a conditional on GPU reads its
+    predicate on the host). Rows with no valid key attend to their first key
+    instead of uniformly to all; both are padding. `implementation="xla"` runs the
+    same code on any backend (the tests' way).
+    """
     lead = q.ndim - 3
-    target = functional.scores_shape(q, k)
-    batch_shape = target[:-3]
+    batch_shape = functional.scores_shape(q, k)[:-3]
     q4, k4, v4 = (_flatten_batch(jnp.broadcast_to(x, (*batch_shape, *x.shape[-3:])), lead)
                   for x in (q, k, v))
-    # jax.nn.dot_product_attention wants [B, N, T, S] masks / biases.
-    mask4 = None if mask is None else _flatten_batch(
-        jnp.broadcast_to(mask, (*batch_shape, *mask.shape[-3:])), lead)
-    bias4 = None if bias is None else _flatten_batch(
-        jnp.broadcast_to(bias, (*batch_shape, *bias.shape[-3:])), lead).astype(q.dtype)
-    out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, mask=mask4, is_causal=causal,
-                                       implementation="cudnn")
-    return out.reshape(q.shape)
+    q_len, kv_len = q.shape[-3], k.shape[-3]
+
+    def call(k4, v4, mask4=None, bias4=None, lengths=None):
+        out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, mask=mask4, is_causal=causal,
+                                           key_value_seq_lengths=lengths,
+                                           implementation=implementation)
+        return out.reshape(q.shape)
+
+    def four_d(x):  # `[..., h|1, q|1, kv]` -> `[B, h|1, q_len, kv_len]`
+        return _flatten_batch(jnp.broadcast_to(x, (*batch_shape, x.shape[-3], q_len, kv_len)), lead)
+
+    bias4 = None if bias is None else four_d(bias).astype(q.dtype)
+    if mask is None:
+        return call(k4, v4, bias4=bias4)
+    if causal or bias is not None or not (masks_lib.is_key_only(mask) and mask.shape[-3] == 1):
+        return call(k4, v4, mask4=four_d(mask), bias4=bias4)  # positions matter: no reordering
+    keys = _flatten_batch(jnp.broadcast_to(mask, (*batch_shape, 1, 1, kv_len)), lead)[:, 0, 0]
+    order = jnp.argsort(~keys, axis=-1, stable=True)[:, :, None, None]   # valid keys first
+    k4, v4 = (jnp.take_along_axis(x, order, axis=1) for x in (k4, v4))
+    lengths = jnp.maximum(keys.sum(-1, dtype=jnp.int32), 1)
+    return call(k4, v4, lengths=lengths)
+
+
+def cudnn_applies(q, k, *, mask, bias, causal, dropout_rate, deterministic) -> bool:
+    """Whether `kind="auto"` hands this call to cuDNN: a GPU, bf16/fp16, no attention
+    dropout, no additive bias, no mask beyond key padding of bidirectional attention
+    (so not cached decoding), equal Q and K/V head counts and a head_dim cuDNN's
+    flash kernel supports."""
+    head_dim = q.shape[-1]
+    key_padding = mask is None or (not causal and masks_lib.is_key_only(mask) and mask.shape[-3] == 1)
+    return (cudnn_unavailable_reason(q.dtype) is None and (deterministic or not dropout_rate)
+            and bias is None and key_padding and q.shape[-2] == k.shape[-2]
+            and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def _auto(q, k, v, *, mask, bias, causal, config, extra, dropout_rate, dropout_rng, deterministic):
+    if cudnn_applies(q, k, mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
+                     deterministic=deterministic):
+        return flash_attention(q, k, v, mask=mask, causal=causal, implementation="cudnn")
+    return _xla(q, k, v, mask=mask, bias=bias, causal=causal, config=config, extra=extra,
+                dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic)
+
+
+# The default: cuDNN flash attention where it applies (GPU, half precision, no
+# dropout), the XLA reference everywhere else; the two compute the same function.
+register(AttentionVariant("auto", _auto))
 
 
 def _validate_cudnn(config, *, causal, position, attention_dropout):

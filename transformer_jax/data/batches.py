@@ -54,7 +54,8 @@ def _check_nonneg_int(field: str, value, minimum: int = 0) -> None:
 
 def local_example_indices(step: int, batch_size: int, process_index: int = 0,
                           process_count: int = 1) -> np.ndarray:
-    """Global example indices that process ``process_index`` builds at ``step``.
+    """Global example indices `[batch_size // process_count]` int that process
+    ``process_index`` builds at ``step``.
 
     The global batch is split into ``process_count`` contiguous slices, so the
     concatenation over processes is exactly the single-process batch.
@@ -75,7 +76,9 @@ class ExampleDataset(abc.ABC):
     """A dataset whose examples are pure functions of (seed, index).
 
     Subclasses set ``fields`` (the batch keys, in order) and ``model_vocab_size``
-    (ids are validated against it) and implement :meth:`example`.
+    (ids are validated against it) and implement :meth:`example`, which returns one
+    example's arrays (e.g. ``input_ids`` `[L]`); :meth:`batch` stacks them into
+    `[B, L]` (`[B]` for per-example scalars such as ``nsp_labels``).
     """
 
     fields: tuple[str, ...] = ()
@@ -127,6 +130,7 @@ class BatchIterator:
         return batch
 
     def state(self) -> dict[str, int]:
+        """``{"step", "seed", "batch_size"}``: all a checkpoint needs to resume."""
         return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size}
 
     def restore(self, state: Mapping[str, Any]) -> "BatchIterator":
@@ -146,8 +150,8 @@ class BatchIterator:
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], num_devices: int) -> Batch:
-    """Reshape every array [B, ...] -> [num_devices, B // num_devices, ...] (for pmap-style
-    per-device leading axes)."""
+    """Reshape every array `[B, ...]` -> `[num_devices, B // num_devices, ...]` (for
+    pmap-style per-device leading axes); ValueError if B does not divide."""
     _check_nonneg_int("num_devices", num_devices, 1)
     sizes = {k: np.shape(v)[0] for k, v in batch.items()}
     if len(set(sizes.values())) > 1:
@@ -166,7 +170,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], num_devices: int) -> Batch:
 
 def pad_to(values: Sequence[int] | np.ndarray, length: int, pad_value: int,
            dtype=np.int32) -> np.ndarray:
-    """Right-pad a 1-D sequence to ``length`` (it must not be longer)."""
+    """Right-pad a 1-D sequence `[n]` to `[length]` (n <= length) with ``pad_value``."""
     out = np.full(length, pad_value, dtype=dtype)
     out[:len(values)] = values
     return out

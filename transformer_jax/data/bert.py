@@ -36,6 +36,8 @@ BERT_FIELDS = ("input_ids", "token_type_ids", "attention_mask", "mlm_positions",
 
 @dataclasses.dataclass(frozen=True)
 class BertDataConfig:
+    """Sizes and probabilities of BERT pretraining examples (see the module doc);
+    batches are `[B, max_len]` and `[B, max_predictions_per_seq]`."""
     max_len: int = 128                # L: [CLS] A [SEP] B [SEP] incl. padding
     mask_prob: float = 0.15           # Devlin et al. 2018, sec. 3.1
     max_predictions_per_seq: int = 20  # P; reference value for L=128
@@ -106,6 +108,7 @@ class BertDataset(ExampleDataset):
     def from_tokenizer(cls, source: Corpus | TokenizedCorpus, tokenizer: Tokenizer,
                        config: BertDataConfig = BertDataConfig(),
                        model_vocab_size: int | None = None) -> "BertDataset":
+        """Tokenize ``source`` (unless already tokenized) and build the dataset."""
         data = tokenize_corpus(source, tokenizer) if isinstance(source, Corpus) else source
         return cls(data, tokenizer.vocab_info(), config, model_vocab_size)
 

@@ -75,10 +75,12 @@ class Corpus:
 
     @property
     def num_documents(self) -> int:
+        """Number of documents."""
         return len(self.documents)
 
     @property
     def num_chars(self) -> int:
+        """Characters in all segments."""
         return sum(len(s) for doc in self.documents for s in doc)
 
     def segments(self) -> Iterable[str]:

@@ -26,6 +26,7 @@ GPT_FIELDS = ("input_ids", "targets", "loss_mask")
 
 @dataclasses.dataclass(frozen=True)
 class GPTDataConfig:
+    """Rows of ``seq_len`` tokens: batches are `[B, seq_len]`."""
     seq_len: int = 128  # L: tokens per example; a block holds L + 1
 
     def __post_init__(self):
@@ -65,10 +66,13 @@ class GPTDataset(ExampleDataset):
     def from_tokenizer(cls, source: Corpus | TokenizedCorpus, tokenizer: Tokenizer,
                        config: GPTDataConfig = GPTDataConfig(),
                        model_vocab_size: int | None = None) -> "GPTDataset":
+        """Tokenize ``source`` (unless already tokenized) and build the dataset."""
         data = tokenize_corpus(source, tokenizer) if isinstance(source, Corpus) else source
         return cls(data, tokenizer.vocab_info(), config, model_vocab_size)
 
     def example(self, index: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """input_ids, targets `[L]` int32 and loss_mask `[L]` float32 of block ``index``
+        of the (seed, epoch) block order."""
         seq_len = self.config.seq_len
         epoch, within = divmod(index, self.num_blocks)
         block = int(_epoch_order(self.num_blocks, seed, epoch)[within])

@@ -26,6 +26,7 @@ SEQ2SEQ_FIELDS = ("src_ids", "src_mask", "tgt_in", "tgt_out", "tgt_mask")
 
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqDataConfig:
+    """Source spans of min..max_source_len tokens: sources `[B, S]`, targets `[B, S + 1]`."""
     max_source_len: int = 32  # S; the target has at most S tokens, so T = S + 1
     min_source_len: int = 4   # spans are uniform in [min_source_len, max_source_len]
 
@@ -63,10 +64,13 @@ class Seq2SeqDataset(ExampleDataset):
     def from_tokenizer(cls, source: Corpus | TokenizedCorpus, tokenizer: Tokenizer,
                        config: Seq2SeqDataConfig = Seq2SeqDataConfig(),
                        model_vocab_size: int | None = None) -> "Seq2SeqDataset":
+        """Tokenize ``source`` (unless already tokenized) and build the dataset."""
         data = tokenize_corpus(source, tokenizer) if isinstance(source, Corpus) else source
         return cls(data, tokenizer.vocab_info(), config, model_vocab_size)
 
     def example(self, index: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """src_ids `[S]`, src_mask `[S]`, tgt_in, tgt_out, tgt_mask `[S + 1]` of one
+        random span (S = max_source_len; padded, masks True on real tokens)."""
         cfg, v = self.config, self.vocab
         rng = example_rng(seed, index)
         n = int(rng.integers(cfg.min_source_len, cfg.max_source_len + 1))

@@ -72,22 +72,26 @@ class TokenizedCorpus:
 
     @property
     def num_tokens(self) -> int:
+        """Length of ``ids``."""
         return int(self.ids.shape[0])
 
     @property
     def num_segments(self) -> int:
+        """Number of segments (sentences)."""
         return int(self.segment_offsets.shape[0] - 1)
 
     @property
     def num_documents(self) -> int:
+        """Number of documents."""
         return int(self.document_offsets.shape[0] - 1)
 
     def document_tokens(self, d: int) -> np.ndarray:
-        """All tokens of document ``d`` (its segments back to back)."""
+        """All tokens of document ``d`` (its segments back to back): int32 `[n_d]`."""
         s0, s1 = self.document_offsets[d], self.document_offsets[d + 1]
         return self.ids[self.segment_offsets[s0]:self.segment_offsets[s1]]
 
     def validate(self, vocab_size: int, source: str = "corpus") -> None:
+        """ValueError if any id lies outside [0, vocab_size)."""
         validate_token_ids(self.ids, vocab_size, field=f"{source} token ids")
 
 

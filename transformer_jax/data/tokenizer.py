@@ -121,13 +121,14 @@ class Tokenizer:
         return tuple(sorted({i for i in map(self.token_to_id, names) if i is not None}))
 
     def vocab_info(self) -> VocabInfo:
+        """Size and special ids, all that the batch builders need."""
         return VocabInfo(size=self.vocab_size, pad_id=self.pad_id, cls_id=self.cls_id,
                          sep_id=self.sep_id, mask_id=self.mask_id, eos_id=self.eos_id,
                          bos_id=self.bos_id, special_ids=self.special_ids)
 
     # -- encoding -------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without any special tokens added."""
+        """Token ids of ``text`` (a list of n ints) without any special tokens added."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_with_word_ids(self, text: str) -> tuple[list[int], list[int]]:
@@ -143,6 +144,7 @@ class Tokenizer:
         return [(e.ids, [-1 if w is None else w for w in e.word_ids]) for e in encs]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids (a sequence or 1-D array `[n]`)."""
         return self._tok.decode([int(i) for i in ids],
                                 skip_special_tokens=skip_special_tokens)
 
@@ -203,6 +205,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def default_cache_dir() -> Path:
+    """``$TRANSFORMER_JAX_CACHE/tokenizers``, else ``~/.cache/transformer_jax/tokenizers``."""
     root = os.environ.get("TRANSFORMER_JAX_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "transformer_jax"
     return base / "tokenizers"

@@ -54,9 +54,11 @@ def _mlm_head(hf_encoder: str) -> tuple[list[m.Entry], list[tuple[str, str]]]:
 
 def layout(config: BertConfig, *, heads: tuple[str, ...] = (), hf_prefix: str, ours_prefix: str,
            pooler: bool, skip: tuple[str, ...] = ()) -> m.Layout:
-    """`heads` among "mlm", "nsp". `hf_prefix` is "bert." (head models) or "" (a
-    `BertModel` saved alone); `ours_prefix` is "bert/" in our head and sentence
-    models, "" for a bare `BertModel`."""
+    """The HF <-> ours map of a BERT: HF `nn.Linear` weights `[out, in]` become kernels
+    `[in, out]`, attention projections `[H*hd, d]` become `[d, H, hd]` (output
+    `[d, H*hd]` -> `[H, hd, d]`). `heads` among "mlm", "nsp". `hf_prefix` is "bert."
+    (head models) or "" (a `BertModel` saved alone); `ours_prefix` is "bert/" in our
+    head and sentence models, "" for a bare `BertModel`."""
     entries = _encoder(config, hf_prefix, ours_prefix, pooler)
     tied: list[tuple[str, str]] = []
     if "mlm" in heads:
@@ -68,7 +70,8 @@ def layout(config: BertConfig, *, heads: tuple[str, ...] = (), hf_prefix: str, o
 
 
 def hf_prefix(names, arch: str) -> str:
-    """"bert." when the encoder tensors carry it, as in every head model."""
+    """"bert." when the encoder tensors (`names`, the file's tensor names) carry it, as
+    in every head model; "" for a `BertModel` saved alone."""
     if arch != "BertModel" or any(n.startswith("bert.") for n in names):
         return "bert."
     return ""
@@ -76,7 +79,7 @@ def hf_prefix(names, arch: str) -> str:
 
 def rename_legacy(tensors: dict) -> dict:
     """TF-converted checkpoints call LayerNorm parameters gamma/beta; transformers
-    renames them on load, and so do we."""
+    renames them on load, and so do we ({name: array} -> {name: array}, arrays as is)."""
     def fix(name):
         if ".LayerNorm." in name or name.startswith("LayerNorm."):
             return name.replace(".gamma", ".weight").replace(".beta", ".bias")

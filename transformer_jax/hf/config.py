@@ -130,8 +130,11 @@ def check_exportable(config, family: str) -> None:
     if config.activation not in ACTIVATIONS_TO_HF:
         raise ValueError(f"config.activation={config.activation!r} cannot be exported; "
                          f"valid: {', '.join(map(repr, ACTIVATIONS_TO_HF))}")
+    if config.scan_layers:
+        raise ValueError("config.scan_layers=True stacks the layers' parameters; export "
+                         "stacks.unstack_layers(params) with config.replace(scan_layers=False)")
     # Exact kernels only: the HF model computes full softmax attention.
-    if config.attention.kind not in ("xla", "cudnn", "chunked"):
+    if config.attention.kind not in ("auto", "xla", "cudnn", "chunked"):
         raise ValueError(f"config.attention.kind={config.attention.kind!r} approximates attention; "
                          "HF models compute it exactly. Export config.replace(attention="
                          "{'kind': 'xla'}) (same parameters) if that is what you mean")

@@ -20,8 +20,11 @@ BUFFERS = (r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",)
 
 
 def layout(config: GPTConfig, *, hf_prefix: str) -> m.Layout:
-    """`hf_prefix` is "transformer." (`GPT2LMHeadModel`) or "" (`GPT2Model`, and the
-    original OpenAI checkpoints)."""
+    """The HF <-> ours map of a GPT-2: `Conv1D` weights are stored `[in, out]` like our
+    kernels, the fused `c_attn` `[d, 3*H*hd]` splits into query/key/value kernels
+    `[d, H, hd]`, `c_proj` `[H*hd, d]` becomes `[H, hd, d]`. `hf_prefix` is
+    "transformer." (`GPT2LMHeadModel`) or "" (`GPT2Model`, and the original OpenAI
+    checkpoints)."""
     p = hf_prefix
     entries = [m.copy(f"{p}wte.weight", "embeddings/token/embedding"),
                m.copy(f"{p}wpe.weight", "embeddings/position/embedding")]
@@ -44,4 +47,5 @@ def layout(config: GPTConfig, *, hf_prefix: str) -> m.Layout:
 
 
 def hf_prefix(names) -> str:
+    """"transformer." when the file's tensor `names` carry it (`GPT2LMHeadModel`), else ""."""
     return "transformer." if any(n.startswith("transformer.") for n in names) else ""

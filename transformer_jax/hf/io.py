@@ -46,7 +46,8 @@ def _require_safetensors():
 
 
 def check_safetensors_header(path: Path) -> dict:
-    """Parses and validates the header; raises ValueError for a truncated or corrupt file."""
+    """Parses and validates the header ({name: {"dtype", "shape", "data_offsets"}});
+    raises ValueError for a truncated or corrupt file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -70,7 +71,8 @@ def check_safetensors_header(path: Path) -> dict:
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
+    """All tensors of one safetensors file as {name: numpy array} in their stored
+    shapes (bf16 as ml_dtypes.bfloat16)."""
     path = Path(path)
     check_safetensors_header(path)
     stn = _require_safetensors()
@@ -81,7 +83,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> None:
-    """Writes contiguous numpy arrays; metadata format=pt so transformers loads it."""
+    """Writes {name: numpy array} (any shapes, made contiguous); metadata format=pt
+    so transformers loads it."""
     stn = _require_safetensors()
     stn.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
                   metadata={"format": "pt"})
@@ -119,7 +122,8 @@ def _read_pickle(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_checkpoint(directory: Path, *, allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], Path]:
-    """(tensors by HF name, the file read). Prefers safetensors; a pickle only with opt-in."""
+    """(tensors {HF name: numpy array}, the file read). Prefers safetensors (one
+    file or an index of shards); a pickle only with opt-in."""
     for name, reader in ((SAFETENSORS, read_safetensors), (SAFETENSORS_INDEX, _read_sharded)):
         if (directory / name).exists():
             return reader(directory / name), directory / name

@@ -28,6 +28,8 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """A few HF tensor names tied to a few of our parameter paths, with the array
+    conversion each way (e.g. HF `[out, in]` weight <-> our `[in, out]` kernel)."""
     hf: tuple[str, ...]
     ours: tuple[str, ...]
     to_ours: Callable[..., tuple]  # HF arrays -> our arrays
@@ -36,6 +38,7 @@ class Entry:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
+    """Every `Entry` of one model family, plus tied duplicates and ignored buffers."""
     entries: tuple[Entry, ...]
     # (duplicate, original): HF may store a tied tensor twice (e.g. `lm_head.weight`
     # next to `wte.weight`); the duplicate is accepted only if it is equal.
@@ -50,11 +53,12 @@ def _one(f):
 
 
 def copy(hf: str, ours: str) -> Entry:
+    """One tensor stored identically on both sides (same shape, e.g. an embedding `[V, d]`)."""
     return Entry((hf,), (ours,), _one(lambda x: x), _one(lambda x: x))
 
 
 def norm(hf: str, ours: str) -> list[Entry]:
-    """LayerNorm: weight -> scale, bias -> bias."""
+    """LayerNorm: weight `[d]` -> scale `[d]`, bias `[d]` -> bias `[d]`."""
     return [copy(f"{hf}.weight", f"{ours}/scale"), copy(f"{hf}.bias", f"{ours}/bias")]
 
 
@@ -143,7 +147,9 @@ def _tie_problems(layout: Layout, tensors: dict) -> list[str]:
 
 def import_params(layout: Layout, tensors: dict, expected: dict, *, strict: bool,
                   source: str) -> tuple[dict, list[str]]:
-    """(our flat params {path: array}, unused HF names). Every problem of the file
+    """(our flat params {path: array}, unused HF names). `tensors` are HF's {name:
+    array}, `expected` our {path: ShapeDtypeStruct}; every HF shape is checked
+    against the one our shapes imply before conversion. Every problem of the file
     is collected and raised together, naming each tensor."""
     tensors = dict(tensors)
     for dup, orig in layout.tied:  # some savers keep the duplicate and drop the original
@@ -172,7 +178,9 @@ def import_params(layout: Layout, tensors: dict, expected: dict, *, strict: bool
 
 
 def export_params(layout: Layout, params: dict, dtype=None) -> dict[str, np.ndarray]:
-    """Our flat params -> HF tensors; refuses parameters the layout does not cover."""
+    """Our flat params {path: array} -> HF tensors {name: numpy array} in HF's shapes
+    (e.g. kernels `[in, out]` -> weights `[out, in]`); refuses parameters the layout
+    does not cover."""
     covered = {p for e in layout.entries for p in e.ours}
     extra = sorted(set(params) - covered)
     if extra:

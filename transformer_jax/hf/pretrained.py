@@ -33,6 +33,8 @@ SENTENCE_TRANSFORMER = "SentenceTransformer"
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
+    """An imported checkpoint: `model.apply({"params": params}, input_ids [batch, seq],
+    ...)` gives what the HF model would (logits, hidden states or sentence vectors)."""
     model: nn.Module         # BertModel, BertForPreTraining, BertForMaskedLM,
                              # BertForSentenceEmbedding or GPT
     params: Any              # the "params" collection of `model`
@@ -53,6 +55,7 @@ class Pretrained:
         return _bert_hidden(self.config)(encoder, input_ids, attention_mask, token_type_ids)
 
     def save(self, directory) -> Path:
+        """`save_pretrained(directory, self.model, self.params, tokenizer=...)`."""
         return save_pretrained(directory, self.model, self.params, tokenizer=self.tokenizer)
 
 
@@ -136,7 +139,8 @@ def _read_config(directory: Path) -> dict:
 
 
 def expected_shapes(model: nn.Module) -> dict:
-    """Our parameter shapes and dtypes, {path: ShapeDtypeStruct}, without allocating."""
+    """Our parameter shapes and dtypes, {"/"-joined path: ShapeDtypeStruct} (e.g.
+    "bert/embeddings/token/embedding": `[vocab, d]`), without allocating."""
     dummy = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
     return flatten_dict(shapes, sep="/")
@@ -144,7 +148,9 @@ def expected_shapes(model: nn.Module) -> dict:
 
 def load_pretrained(path, *, allow_pickle: bool = False, strict: bool = False,
                     dtype: str = "float32", param_dtype: str = "float32") -> Pretrained:
-    """Imports an HF BERT / GPT-2 / sentence-transformers directory.
+    """Imports an HF BERT / GPT-2 / sentence-transformers directory: every tensor's
+    shape is checked against config.json (all problems reported together) and
+    converted to our layout (e.g. weights `[out, in]` -> kernels `[in, out]`).
 
     allow_pickle: read `pytorch_model.bin` when there is no safetensors file (a
       pickle can run code: only for files you trust; needs torch).

@@ -19,6 +19,8 @@ _POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "
 
 @dataclasses.dataclass(frozen=True)
 class SentencePooling:
+    """The pooling of a sentence-transformers pipeline: token vectors `[batch, seq, d]`
+    -> sentence vectors `[batch, d]`."""
     mode: str                        # "cls" or "mean" (over real tokens only)
     normalize: bool                  # L2-normalise the pooled vector
     max_seq_length: int | None = None  # tokenizer truncation length

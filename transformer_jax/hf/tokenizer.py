@@ -54,7 +54,9 @@ def _from_bpe_files(directory: Path) -> Tokenizer:
 
 
 def load_tokenizer(directory, max_length: int | None = None) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None when the directory has none."""
+    """The checkpoint's tokenizer (tokenizer.json, a BERT vocab.txt or GPT-2's
+    vocab.json + merges.txt), truncating to `max_length` tokens if given; None when
+    the directory has none."""
     directory = Path(directory)
     if (directory / "tokenizer.json").exists():
         tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -72,6 +74,7 @@ def load_tokenizer(directory, max_length: int | None = None) -> Tokenizer | None
 
 
 def pad_id(tokenizer: Tokenizer) -> int:
+    """The id `tokenize` pads with: [PAD], <pad> or <|endoftext|>, else 0."""
     for token in ("[PAD]", "<pad>", "<|endoftext|>"):
         if tokenizer.token_to_id(token) is not None:
             return tokenizer.token_to_id(token)

@@ -30,7 +30,17 @@ class GPTConfig(TransformerConfig):
     activation: str = "gelu_tanh"
     norm_placement: str = "pre"
     layer_norm_eps: float = 1e-5
+    # Tokens per chunk of the output projection + loss when GPT is given targets:
+    # 0 = all logits at once; e.g. 4096 = never more than 4096 x vocab logits
+    # alive (`cross_entropy.chunked_token_stats`). Same loss either way.
+    loss_chunk: int = 0
     causal = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk={self.loss_chunk!r} must be 0 (off) or a positive "
+                             "number of tokens per chunk")
 
 
 @dataclasses.dataclass(frozen=True)

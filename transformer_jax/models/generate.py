@@ -20,6 +20,7 @@ from transformer_jax.models import sampling
 
 
 class GenerateOutput(NamedTuple):
+    """What `generate` returns: the token buffer and each row's length."""
     tokens: jnp.ndarray   # [batch, P + max_new_tokens]; pad_id after each row's end
     lengths: jnp.ndarray  # [batch] prompt + generated tokens (EOS included)
 
@@ -50,7 +51,15 @@ def _check_inputs(config, prompts, lengths, max_new_tokens):
 def generate(model, params, prompts, *, prompt_lengths=None, max_new_tokens: int = 32, rng=None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, pad_id: int = 0) -> GenerateOutput:
-    """Samples continuations. `temperature=0` is greedy (argmax) decoding."""
+    """Samples continuations. `temperature=0` is greedy (argmax) decoding.
+
+    model: a `GPT`; params: its "params" collection.
+    prompts: int `[batch, P]`, right-padded; prompt_lengths: int `[batch]` (None = all P).
+    Each row copies its own prompt, then samples from the logits `[batch, vocab]` of
+    its last position (temperature, then top_k and/or top_p filtering) until it
+    emits `eos_id` or has `max_new_tokens` new tokens; P + max_new_tokens must not
+    exceed `config.max_len`. Returns `GenerateOutput(tokens [batch, P +
+    max_new_tokens], lengths [batch])`, `pad_id` after each row's end."""
     prompts = np.asarray(prompts)
     lengths = np.full((prompts.shape[0],), prompts.shape[-1]) if prompt_lengths is None \
         else np.asarray(prompt_lengths)

@@ -6,10 +6,12 @@ the "cache" collection: see `models/generate.py`.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer_jax import partitioning as logical
+from transformer_jax import cross_entropy, partitioning as logical
 from transformer_jax.embeddings import Embeddings
 from transformer_jax.models.common import check_length, key_padding_mask
 from transformer_jax.models.configs import GPTConfig
@@ -22,12 +24,15 @@ class GPT(nn.Module):
     attention_mask `[..., seq]` (optional): True/1 on real tokens; padded keys are
     never attended. `decode=True` appends to the key/value cache instead of
     attending only within `input_ids` (prefill with many tokens, then step with one).
+    targets `[..., seq]` (optional): instead of logits, return the per-token
+    {"nll", "correct"} `[..., seq]` (fp32) of predicting them, computed
+    `config.loss_chunk` tokens at a time when that is set (the training path).
     """
     config: GPTConfig
 
     @nn.compact
     def __call__(self, input_ids, *, attention_mask=None, deterministic=True, decode=False,
-                 sow_weights=False, return_hidden=False):
+                 sow_weights=False, return_hidden=False, targets=None):
         cfg = self.config
         check_length(input_ids, cfg.max_len)
         seq = input_ids.shape[-1]
@@ -45,11 +50,37 @@ class GPT(nn.Module):
             x, mask=mask, deterministic=deterministic, decode=decode, sow_weights=sow_weights)
         if return_hidden:
             return x
+        # The output matrix as an array `[vocab_padded, d]` (fp32 master weights).
         if cfg.tie_embeddings:
-            return embeddings.attend(x)
-        return nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                        param_dtype=cfg.params_dtype,
-                        kernel_init=logical.param_init(nn.initializers.normal(cfg.init_std),
-                                                       (logical.EMBED, logical.VOCAB),
-                                                       cfg.logical_partitioning),
-                        name="lm_head")(x)
+            weight = embeddings.token.embedding
+        else:
+            weight = _Param((cfg.d_model, cfg.vocab_size), _head_init(cfg), cfg.params_dtype,
+                            name="lm_head")().T
+
+        def project(h):  # `[..., d]` -> logits `[..., padded vocab]`, as nn.Embed.attend / nn.Dense
+            dtype = cfg.compute_dtype
+            return jnp.dot(h.astype(dtype), weight.astype(dtype).T)
+
+        if targets is None:
+            return project(x)[..., :cfg.vocab_size]
+        if cfg.loss_chunk:
+            return cross_entropy.chunked_token_stats(x, project, targets, cfg.loss_chunk,
+                                                     cfg.vocab_size)
+        return cross_entropy.token_stats(project(x), targets, cfg.vocab_size)
+
+
+class _Param(nn.Module):
+    """One "kernel" parameter returned as an array (the layout of an `nn.Dense`
+    without bias), so that the loss can apply it chunk by chunk."""
+    shape: tuple[int, ...]
+    init_fn: Callable
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", self.init_fn, self.shape, self.param_dtype)
+
+
+def _head_init(cfg: GPTConfig):
+    return logical.param_init(nn.initializers.normal(cfg.init_std), (logical.EMBED, logical.VOCAB),
+                              cfg.logical_partitioning)

@@ -47,7 +47,9 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the three mesh axes (their product is the device count) and the
-    logical-to-mesh rules."""
+    logical-to-mesh rules. A global batch `[B, ...]` is split over data x fsdp
+    (`[B / (data * fsdp), ...]` per device); a kernel `[d_model, d_ff]` is held as
+    `[d_model / fsdp, d_ff / tensor]` per device."""
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
@@ -82,15 +84,17 @@ class MeshConfig:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """(data, fsdp, tensor): the mesh's device array shape."""
         return (self.data, self.fsdp, self.tensor)
 
     @property
     def size(self) -> int:
+        """Number of devices: data * fsdp * tensor."""
         return math.prod(self.shape)
 
     @property
     def batch_shards(self) -> int:
-        """Into how many slices the global batch is split."""
+        """Into how many slices the global batch `[B, ...]` is split: data * fsdp."""
         return self.data * self.fsdp
 
     def __str__(self) -> str:
@@ -119,8 +123,9 @@ class MeshConfig:
 
     def make_mesh(self, devices=None) -> jax.sharding.Mesh:
         """A Mesh over `devices` (default: all, across processes) with axes data, fsdp,
-        tensor. Axis types are Auto: the compiler propagates shardings from the
-        annotated parameters and constraints (the GSPMD style these rules are for)."""
+        tensor: its device array is `[data, fsdp, tensor]`. Axis types are Auto: the
+        compiler propagates shardings from the annotated parameters and constraints
+        (the GSPMD style these rules are for)."""
         devices = jax.devices() if devices is None else list(devices)
         self.validate(len(devices))
         auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

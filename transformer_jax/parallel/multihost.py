@@ -82,8 +82,8 @@ def initialize_from_env(environ: Mapping[str, str] | None = None, *,
 
 def process_rows(mesh: jax.sharding.Mesh, global_batch_size: int) -> tuple[int, int]:
     """(process_index, process_count) in the sense of `ExampleDataset.batch`: this
-    process's devices hold global rows [i * B / n, (i + 1) * B / n). ValueError if the
-    mesh gives a process rows that are not such a contiguous slice."""
+    process's devices hold global rows [i * B / n, (i + 1) * B / n) of `[B, ...]`.
+    ValueError if the mesh gives a process rows that are not such a contiguous slice."""
     sharding = batch_sharding(mesh)
     rows = set()
     for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
@@ -101,7 +101,7 @@ def process_rows(mesh: jax.sharding.Mesh, global_batch_size: int) -> tuple[int, 
 
 def process_batch(dataset, step: int, global_batch_size: int, mesh: jax.sharding.Mesh,
                   seed: int = 0) -> dict[str, np.ndarray]:
-    """This process's rows of the global batch `step` (an `ExampleDataset`): only
-    those examples are built."""
+    """This process's rows `[B / process_count, ...]` of the global batch `step` (an
+    `ExampleDataset`): only those examples are built."""
     index, count = process_rows(mesh, global_batch_size)
     return dataset.batch(step, global_batch_size, seed, process_index=index, process_count=count)

@@ -44,12 +44,14 @@ def replicate(tree, devices: Sequence[jax.Device] | None = None):
 
 
 def unreplicate(tree):
-    """Inverse of `replicate` (and of pmap outputs): device 0's copy of each leaf."""
+    """Inverse of `replicate` (and of pmap outputs): each leaf `[num_devices, ...]` ->
+    device 0's copy `[...]`."""
     return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
 
 
 def pmap_train_step(state: TrainState, batch, task: Task, axis_name: str = AXIS):
-    """Per-device body: gradients and metrics averaged over `axis_name` between
+    """Per-device body, run under pmap on this device's state and batch slice
+    `[B / devices, ...]`: gradients and metrics averaged over `axis_name` between
     `compute_grads` and `apply_grads`. Dropout differs per device (key folded with
     the device index), as it would across the rows of one large batch."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -80,13 +82,15 @@ def split_batch(batch, num_devices: int | None = None):
 
 
 def save_replicated(ckpt: Checkpointer, state: TrainState, **kwargs) -> bool:
-    """Checkpoint a replicated state: device 0's copy, as an ordinary state."""
+    """Checkpoint a replicated state (leaves `[devices, ...]`): device 0's copy, as an
+    ordinary state."""
     host = unreplicate(state)
     return ckpt.save(int(host.step), host, **kwargs)
 
 
 def restore_replicated(ckpt: Checkpointer, target: TrainState, **kwargs) -> tuple[TrainState, dict]:
-    """Restore into an unreplicated `target`, then replicate: (state, JSON record)."""
+    """Restore into an unreplicated `target`, then replicate (leaves `[devices, ...]`):
+    (state, JSON record)."""
     state, record = ckpt.restore(target, **kwargs)
     return replicate(state), record
 

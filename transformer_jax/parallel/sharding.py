@@ -38,18 +38,21 @@ from transformer_jax.training.tasks import TASKS, Task, get_task, task_for_confi
 
 @contextlib.contextmanager
 def mesh_context(mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
-    """Mesh and logical rules in context: activation constraints take effect while
-    tracing. `jax.set_mesh` must be entered outside jit."""
+    """Mesh and logical rules in context: activation constraints (e.g. `[batch, seq,
+    d_model]` -> (data x fsdp, None, None)) take effect while tracing.
+    `jax.set_mesh` must be entered outside jit."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """A whole copy of the array on every device of `mesh`."""
     return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """Leading (batch) axis split over data x fsdp; other axes whole."""
+    """Leading (batch) axis split over data x fsdp; other axes whole: `[B, ...]` ->
+    `[B / (data * fsdp), ...]` per device."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
@@ -87,8 +90,9 @@ def _check_divisible(shapes, shardings) -> None:
 
 def param_shardings(config: TransformerConfig, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES,
                     task: str | None = None):
-    """Tree of NamedShardings for the parameters; ValueError if a dimension does not
-    divide over the mesh axes a rule assigns it to."""
+    """Tree of NamedShardings for the parameters (e.g. an MLP kernel `[d_model, d_ff]`
+    -> PartitionSpec('fsdp', 'tensor')); ValueError if a dimension does not divide
+    over the mesh axes a rule assigns it to."""
     boxed = _abstract_boxed_params(config, task)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     _check_divisible(nn.unbox(boxed), shardings)
@@ -129,7 +133,8 @@ def create_sharded_state(config: TransformerConfig, tx: optax.GradientTransforma
                          mesh: jax.sharding.Mesh, rules=LOGICAL_RULES, *, task: str | None = None,
                          lr_fn: Callable | None = None) -> tuple[TrainState, TrainState]:
     """(state, its shardings): `create_train_state` run under jit with sharded outputs,
-    so each device initialises only its own slices."""
+    so each device initialises only its own slices (a kernel `[d_model, d_ff]` is
+    created as `[d_model / fsdp, d_ff / tensor]` shards)."""
     _, shardings = abstract_sharded_state(config, tx, mesh, rules, task=task, lr_fn=lr_fn)
     init = functools.partial(create_train_state, config, tx, task=task, lr_fn=lr_fn)
     with mesh_context(mesh, rules):
@@ -154,8 +159,8 @@ def _resolve(task: Task | str) -> Task:
 def make_sharded_train_step(task: Task | str, mesh: jax.sharding.Mesh, shardings: TrainState,
                             rules=LOGICAL_RULES, *, donate: bool = True) -> Callable:
     """(state, batch) -> (state, metrics): `train_step` jitted over `mesh`. The batch may
-    be this process's numpy rows or already placed; metrics come back replicated.
-    The state is donated."""
+    be this process's numpy rows `[B_local, ...]` or global arrays `[B, ...]` already
+    placed; metrics (scalars) come back replicated. The state is donated."""
     step = jax.jit(functools.partial(train_step, task=_resolve(task)),
                    in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)),
@@ -169,7 +174,8 @@ def make_sharded_train_step(task: Task | str, mesh: jax.sharding.Mesh, shardings
 
 def make_sharded_eval_step(task: Task | str, mesh: jax.sharding.Mesh, shardings: TrainState,
                            rules=LOGICAL_RULES) -> Callable:
-    """(state, batch) -> metrics, without dropout, over `mesh`."""
+    """(state, batch `[B_local, ...]` rows or placed `[B, ...]`) -> scalar metrics,
+    without dropout, over `mesh`."""
     step = jax.jit(functools.partial(eval_step, task=_resolve(task)),
                    in_shardings=(shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
 

@@ -23,6 +23,8 @@ from transformer_jax.training.step import make_eval_step, make_train_step
 
 @dataclasses.dataclass
 class Strategy:
+    """One `--parallel` mode: how the state is created and placed, and the train and
+    eval steps that take host batches `[B, ...]`."""
     mode: str = "none"
     mesh_config: MeshConfig | None = None   # shard only
     mesh: jax.sharding.Mesh | None = None
@@ -38,11 +40,13 @@ class Strategy:
         return state
 
     def place_state(self, state):
-        """Host/checkpoint placement -> training placement."""
+        """Host/checkpoint placement -> training placement (pmap: leaves `[...]` ->
+        `[devices, ...]`)."""
         return pmap_lib.replicate(state) if self.mode == "pmap" else state
 
     def host_state(self, state):
-        """Training placement -> the state evaluation and checkpoints take."""
+        """Training placement -> the state evaluation and checkpoints take (pmap:
+        leaves `[devices, ...]` -> device 0's `[...]`)."""
         return pmap_lib.unreplicate(state) if self.mode == "pmap" else state
 
     def train_step(self, task) -> Callable:
@@ -60,7 +64,7 @@ class Strategy:
         return run
 
     def eval_step(self, task) -> Callable:
-        """(host state, host batch) -> metrics."""
+        """(host state, host batch `[B, ...]`) -> scalar metrics."""
         if self.mode == "shard":
             return sharding_lib.make_sharded_eval_step(task, self.mesh, self.shardings,
                                                        self.mesh_config.rules)

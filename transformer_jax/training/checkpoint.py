@@ -72,7 +72,9 @@ def _manager(directory: str, **options) -> ocp.CheckpointManager:
 
 class Checkpointer:
     """Saves at steps divisible by `save_interval_steps` (or when forced), keeps the newest
-    `max_to_keep`. Use as a context manager, or call `close()`."""
+    `max_to_keep`. Arrays are stored with their shapes and dtypes and restored into a
+    target of the same shapes (or onto another sharding of them). Use as a context
+    manager, or call `close()`."""
 
     def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int = 1,
                  max_to_keep: int | None = 3, read_only: bool = False):
@@ -96,12 +98,15 @@ class Checkpointer:
         self.close()
 
     def close(self) -> None:
+        """Release Orbax's manager (its threads and file handles)."""
         self._manager.close()
 
     def all_steps(self) -> list[int]:
+        """The saved steps, ascending."""
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or None."""
         steps = self.all_steps()
         return steps[-1] if steps else None
 
@@ -157,8 +162,9 @@ class Checkpointer:
     def restore(self, target, *, step: int | None = None,
                 config: TransformerConfig | None = None) -> tuple[Any, dict]:
         """-> (state shaped like `target`, JSON record). `target` is a TrainState of arrays
-        or of `jax.ShapeDtypeStruct`s (`abstract_train_state`); with `config`, the stored
-        config must equal it."""
+        or of `jax.ShapeDtypeStruct`s (`abstract_train_state`), whose every shape and
+        dtype must equal the stored ones (e.g. "params/.../kernel": `[32, 64]` float32);
+        with `config`, the stored config must equal it."""
         step, path = self._step_path(step)
         record = self.read_metadata(step)
         if config is not None:

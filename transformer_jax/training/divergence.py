@@ -21,13 +21,15 @@ def _value(metrics: Mapping[str, Any], key: str, default: float = 0.0) -> float:
 
 
 def is_diverged(metrics: Mapping[str, Any]) -> bool:
-    """True if the step's loss or gradient norm is not finite, or it reports finite=0."""
+    """True if the step's loss or gradient norm (scalars; host or device) is not
+    finite, or it reports finite=0."""
     values = [_value(metrics, k) for k in ("loss", "grad_norm") if k in metrics]
     return not all(map(math.isfinite, values)) or _value(metrics, "finite", 1.0) == 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class DivergenceStatus:
+    """What `DivergenceMonitor.update` concluded about one step."""
     diverged: bool              # this step's loss or gradient norm is not finite
     spike: bool                 # this step's loss is a spike
     num_spikes: int             # spikes so far
@@ -36,7 +38,8 @@ class DivergenceStatus:
 
 
 class DivergenceMonitor:
-    """Call `update(step, metrics)` after every step (metrics may be device arrays)."""
+    """Call `update(step, metrics)` after every step (metrics: scalar "loss",
+    "grad_norm", "finite"; host floats or device arrays `[]`)."""
 
     def __init__(self, spike_factor: float = 2.0, window: int = 100, min_history: int = 10):
         if not spike_factor > 1.0:
@@ -50,6 +53,7 @@ class DivergenceMonitor:
         self.diverged_at: int | None = None
 
     def update(self, step: int, metrics: Mapping[str, Any]) -> DivergenceStatus:
+        """Record one step's scalar metrics; flags divergence and counts spikes."""
         loss = _value(metrics, "loss", math.nan)
         if is_diverged(metrics):
             if self.diverged_at is None:
@@ -73,6 +77,7 @@ class DivergenceMonitor:
                 "diverged_at": self.diverged_at}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> "DivergenceMonitor":
+        """Inverse of `state_dict` (a resumed run keeps its loss history)."""
         self.losses.clear()
         self.losses.extend(float(x) for x in state["losses"])
         self.num_spikes, self.diverged_at = int(state["num_spikes"]), state["diverged_at"]

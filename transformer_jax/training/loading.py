@@ -12,6 +12,7 @@ from transformer_jax.training.state import abstract_train_state
 
 
 def is_run_dir(path) -> bool:
+    """Whether `path` is a run directory of `runner.train` (it has checkpoints/)."""
     return (Path(path) / "checkpoints").is_dir()
 
 

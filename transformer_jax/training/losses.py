@@ -8,26 +8,9 @@ perplexity and to average correctly across batches (`weight` = target count).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-
-def token_cross_entropy(logits, labels, label_smoothing: float = 0.0):
-    """Per-position cross-entropy `[...]` (fp32) of logits `[..., vocab]` vs int labels `[...]`.
-
-    With label smoothing eps (Szegedy et al. 2016, arXiv 1512.00567, sec. 7) the
-    target is q = (1 - eps) * onehot(y) + eps / V, so
-        loss = (1 - eps) * (-log p_y) + eps * mean_v(-log p_v).
-    Returns (smoothed loss, plain negative log-likelihood -log p_y).
-    """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    if label_smoothing == 0.0:
-        return nll, nll
-    smooth = -log_probs.mean(axis=-1)
-    return (1.0 - label_smoothing) * nll + label_smoothing * smooth, nll
+from transformer_jax.cross_entropy import token_cross_entropy
 
 
 def weighted_mean(values, weights):
@@ -56,6 +39,14 @@ def mlm_loss(mlm_logits, mlm_ids, mlm_weights) -> dict:
 def nsp_loss(nsp_logits, nsp_labels) -> dict:
     """Next-sentence prediction: nsp_logits `[B, 2]`, nsp_labels `[B]` (1 = random next)."""
     return _token_loss(nsp_logits, nsp_labels, jnp.ones(nsp_labels.shape, jnp.float32))
+
+
+def loss_from_token_stats(stats, weights) -> dict:
+    """The same dict as `lm_loss`, from per-token {"nll", "correct"} `[B, L]` (as GPT
+    returns when given targets, maybe computed in chunks) and weights `[B, L]`."""
+    mean_nll, weight = weighted_mean(stats["nll"], weights)
+    accuracy, _ = weighted_mean(stats["correct"], weights)
+    return {"loss": mean_nll, "nll": mean_nll, "accuracy": accuracy, "weight": weight}
 
 
 def lm_loss(logits, targets, loss_mask) -> dict:

@@ -29,6 +29,14 @@ def group_name(path: tuple[str, ...]) -> str:
     return "/".join(path[:-1]) or path[-1]
 
 
+def _scanned_prefix(path: tuple[str, ...]) -> str | None:
+    """"decoder" for a `scan_layers` leaf "decoder/layers/block/...", else None."""
+    for i in range(len(path) - 2):
+        if path[i] == "layers" and path[i + 1] == "block":
+            return "/".join(path[:i])
+    return None
+
+
 def _sum_squares(x) -> jax.Array:
     return jnp.sum(jnp.square(x.astype(jnp.float32)))
 
@@ -44,8 +52,18 @@ def grouped_norms(tree) -> tuple[jax.Array, dict[str, jax.Array]]:
     tree; the global norm reuses the groups' sums, one reduction per leaf in all."""
     squares: dict[str, jax.Array] = {}
     for path, leaf in traverse_util.flatten_dict(tree).items():
-        name = group_name(tuple(map(str, path)))
-        squares[name] = squares.get(name, 0.0) + _sum_squares(leaf)
+        path = tuple(map(str, path))
+        stacked = _scanned_prefix(path)
+        if stacked is None:
+            name = group_name(path)
+            squares[name] = squares.get(name, 0.0) + _sum_squares(leaf)
+            continue
+        # `scan_layers`: one leaf holds every layer along axis 0; report each layer
+        # under the name the unrolled stack would give it.
+        per_layer = jnp.sum(jnp.square(leaf.astype(jnp.float32)).reshape(leaf.shape[0], -1), 1)
+        for i in range(leaf.shape[0]):
+            name = f"{stacked}/layer_{i}"
+            squares[name] = squares.get(name, 0.0) + per_layer[i]
     total = jnp.sqrt(sum(squares.values(), jnp.zeros((), jnp.float32)))
     return total, {name: jnp.sqrt(s) for name, s in squares.items()}
 

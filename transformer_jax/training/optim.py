@@ -32,7 +32,8 @@ def _is_norm_path(path: tuple[str, ...]) -> bool:
 
 
 def decay_mask(params, decay_embeddings: bool = True):
-    """Tree of bools like `params`: True where AdamW applies weight decay."""
+    """Tree of bools like `params` (one per array, whatever its shape): True where
+    AdamW applies weight decay (matrices and, by default, embedding tables)."""
     def decays(path: tuple[str, ...]) -> bool:
         leaf = path[-1]
         if leaf in NO_DECAY_LEAVES or _is_norm_path(path):
@@ -48,7 +49,8 @@ def make_optimizer(learning_rate: float | optax.Schedule, *, weight_decay: float
                    decay_embeddings: bool = True) -> optax.GradientTransformation:
     """clip_by_global_norm -> AdamW(masked decay), accumulated over `accumulation_steps`
     calls by `optax.MultiSteps` (the mean gradient of k micro-batches is applied on the
-    k-th call; the schedule then counts optimizer updates, not micro-batches)."""
+    k-th call; the schedule then counts optimizer updates, not micro-batches). Updates,
+    Adam moments and the accumulator have the parameters' shapes and dtypes."""
     for name, value, ok in (("weight_decay", weight_decay, weight_decay >= 0),
                             ("b1", b1, 0 <= b1 < 1), ("b2", b2, 0 <= b2 < 1), ("eps", eps, eps >= 0)):
         if not ok or not math.isfinite(value):
@@ -67,6 +69,7 @@ def make_optimizer(learning_rate: float | optax.Schedule, *, weight_decay: float
 
 def learning_rate_fn(learning_rate: float | optax.Schedule,
                      accumulation_steps: int = 1) -> Callable[[Any], Any]:
-    """micro-step -> the learning rate of the optimizer update that step contributes to."""
+    """int micro-step (scalar) -> the scalar learning rate of the optimizer update that
+    step contributes to."""
     schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
     return lambda step: schedule(step // accumulation_steps)

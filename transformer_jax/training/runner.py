@@ -33,6 +33,7 @@ from transformer_jax.training.tasks import get_task
 
 
 def data_config(run: RunConfig):
+    """The data config of the run's task: batches `[batch_size, seq_len]`."""
     if run.data_task == "bert":
         return BertDataConfig(max_len=run.seq_len)
     if run.data_task == "gpt":
@@ -41,6 +42,7 @@ def data_config(run: RunConfig):
 
 
 def model_config(run: RunConfig, vocab_size: int):
+    """The preset's config with the run's vocabulary, length, dtype and overrides."""
     base = get_config(run.model)
     fields = dict(vocab_size=vocab_size, max_len=max(base.max_len, run.seq_len + 1), dtype=run.dtype)
     if run.norm_placement:
@@ -81,6 +83,7 @@ class _Log:
         self.path = path
 
     def write(self, record: dict) -> None:
+        """Append one JSON line; array scalars become floats."""
         clean = {k: (float(v) if isinstance(v, (np.floating, np.ndarray, jax.Array)) else v)
                  for k, v in record.items()}
         with self.path.open("a") as f:
@@ -88,8 +91,8 @@ class _Log:
 
 
 def evaluate(eval_fn, state, valid_ds, run: RunConfig) -> dict:
-    """Mean metrics over the first `eval_batches` validation batches (fixed batches, so
-    evaluations at different steps are comparable)."""
+    """Mean metrics over the first `eval_batches` validation batches `[batch_size, ...]`
+    (fixed batches, so evaluations at different steps are comparable)."""
     batches = [valid_ds.batch(i, run.batch_size, seed=run.seed) for i in range(run.eval_batches)]
     return mean_metrics([jax.device_get(eval_fn(state, b)) for b in batches])
 
@@ -241,6 +244,7 @@ def _finish(out: Path, summary: dict, state, eval_fn, valid_ds, run, monitor) ->
 
 
 def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
+    """`loss.png`: train and validation loss against step, from metrics.jsonl records."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -50,7 +50,8 @@ def _check(name, peak_lr, warmup_steps, total_steps) -> None:
 
 def make_schedule(name: str, peak_lr: float, warmup_steps: int = 0,
                   total_steps: int | None = None) -> optax.Schedule:
-    """The optax schedule `name` (see module doc); ValueError names a bad argument."""
+    """The optax schedule `name` (see module doc): int step (scalar or any shape) ->
+    float32 learning rate of the same shape; ValueError names a bad argument."""
     _check(name, peak_lr, warmup_steps, total_steps)
     after = SCHEDULES[name](float(peak_lr), warmup_steps, total_steps)
     if warmup_steps == 0:

@@ -23,6 +23,8 @@ from transformer_jax.training.tasks import TASKS, task_for_config
 
 
 class TrainState(train_state.TrainState):
+    """Flax's TrainState (step int32 `[]`, params, tx, opt_state) plus `rng`, the
+    dropout key data uint32 `[2]`, and `lr_fn`, a static step -> learning rate."""
     rng: jax.Array                                 # uint32[2] dropout key data
     lr_fn: Callable[[Any], Any] | None = struct.field(pytree_node=False, default=None)
 
@@ -36,6 +38,7 @@ def _key_data(rng) -> jax.Array:
 def init_params(config: TransformerConfig, rng, *, task: str | None = None,
                 seq_len: int | None = None):
     """-> (fresh parameters of `models.build(config)` initialised from `rng`, the model).
+    Parameter shapes follow the config, e.g. `[vocab, d_model]` token embeddings.
 
     Shapes do not depend on the example batch, but some attention kernels check
     sequence lengths at trace time, so the example uses max_len unless told."""
@@ -58,8 +61,9 @@ def create_train_state(config: TransformerConfig, tx: optax.GradientTransformati
                        task: str | None = None, lr_fn: Callable | None = None,
                        params: Any = None) -> TrainState:
     """Initialise a TrainState from a seed key (typed or raw), or around given `params`
-    (e.g. imported weights). Parameters keep the config's param_dtype (float32 = master
-    weights) even when `config.dtype` is bfloat16."""
+    (e.g. imported weights): step int32 `[]`, rng uint32 `[2]`, and an optimizer state
+    of the parameters' shapes. Parameters keep the config's param_dtype (float32 =
+    master weights) even when `config.dtype` is bfloat16."""
     params_key, dropout_key = jax.random.split(rng)
     if params is None:
         params, model = init_params(config, params_key, task=task)
@@ -73,7 +77,7 @@ def create_train_state(config: TransformerConfig, tx: optax.GradientTransformati
 
 def abstract_train_state(config: TransformerConfig, tx: optax.GradientTransformation, *,
                          task: str | None = None, lr_fn: Callable | None = None) -> TrainState:
-    """The TrainState's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), without
-    allocating: a restore target for checkpoints."""
+    """The TrainState's shapes and dtypes (`jax.ShapeDtypeStruct` leaves, e.g. step
+    int32 `[]`, rng uint32 `[2]`), without allocating: a restore target for checkpoints."""
     return jax.eval_shape(lambda key: create_train_state(config, tx, key, task=task, lr_fn=lr_fn),
                           jax.random.key(0))

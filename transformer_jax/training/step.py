@@ -39,13 +39,18 @@ def _forward(apply_fn, params, batch, task: Task, *, deterministic: bool, rng=No
     return task.loss(outputs, batch, task)
 
 
+def compute_loss(apply_fn: Callable, params, batch: Batch, rng, task: Task | str) -> dict:
+    """The task's metrics ("loss", ...) on `batch` with dropout on: the forward pass."""
+    return _forward(apply_fn, params, batch, _resolve(task), deterministic=False, rng=rng)
+
+
 def compute_grads(apply_fn: Callable, params, batch: Batch, rng, task: Task | str):
     """-> (loss, task metrics, grads): the loss with dropout on, and d loss / d params
     (float32 like the master parameters, whatever the compute dtype)."""
     task = _resolve(task)
 
     def loss_fn(p):
-        metrics = _forward(apply_fn, p, batch, task, deterministic=False, rng=rng)
+        metrics = compute_loss(apply_fn, p, batch, rng, task)
         return metrics["loss"], metrics
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads
@@ -62,8 +67,10 @@ def apply_grads(state: TrainState, grads, loss=None) -> tuple[TrainState, dict]:
         finite &= jnp.isfinite(loss)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
-    # cond, not a select per leaf: no extra pass over the state (under vmap it is one).
-    new = jax.lax.cond(finite, lambda: new, lambda: state)
+    # A select per leaf, not lax.cond: on GPU a conditional reads its predicate on
+    # the host, a sync in the middle of every step, while the selects fuse into the
+    # optimizer's elementwise update kernels (under vmap a cond is a select anyway).
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = {"grad_norm": grad_norm, "update_norm": update_norm,
                "param_norm": global_norm(new.params), "finite": finite.astype(jnp.float32)}
     if state.lr_fn is not None:

@@ -85,8 +85,11 @@ TASKS: dict[str, Task] = {
         name="lm",
         fields=("input_ids", "targets", "loss_mask"),
         # GPT is causal: right padding never reaches a real position, so no mask is needed.
-        inputs=lambda b: ((b["input_ids"],), {"attention_mask": b.get("attention_mask")}),
-        loss=lambda out, b, task: losses.lm_loss(out, b["targets"], b["loss_mask"]),
+        # Given targets, GPT returns per-token losses instead of logits, so that it can
+        # compute them in chunks (`GPTConfig.loss_chunk`) without whole fp32 logits.
+        inputs=lambda b: ((b["input_ids"],), {"attention_mask": b.get("attention_mask"),
+                                              "targets": b["targets"]}),
+        loss=lambda out, b, task: losses.loss_from_token_stats(out, b["loss_mask"]),
         example_batch=_lm_example,
         num_tokens=lambda b: int(np.size(b["input_ids"]))),
     "seq2seq": Task(

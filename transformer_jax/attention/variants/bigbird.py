@@ -34,11 +34,13 @@ NAME = "bigbird"
 
 
 def global_blocks(nb: int, num_global: int) -> tuple[int, ...]:
+    """Indices of the global blocks among nb: the first ceil(g/2) and last floor(g/2)."""
     first = (num_global + 1) // 2
     return tuple(sorted(set(range(min(first, nb))) | set(range(max(nb - (num_global - first), 0), nb))))
 
 
 def window_offsets(num_window: int, causal: bool) -> tuple[int, ...]:
+    """Block offsets of the window, e.g. (-1, 0, 1) for 3 blocks, (-1, 0) when causal."""
     half = num_window // 2
     return tuple(range(-half, 1 if causal else half + 1))
 

@@ -14,11 +14,13 @@ import numpy as np
 
 
 def num_blocks(n: int, block: int) -> int:
+    """nb = ceil(n / block): blocks needed to cover n tokens."""
     return -(-n // block)
 
 
 def pad_axis(x, axis: int, length: int, value=0):
-    """Pads `axis` of x at the end up to `length` with `value`."""
+    """Pads `axis` of x at the end up to `length` with `value`: `[..., n, ...]` ->
+    `[..., length, ...]`."""
     axis = axis % x.ndim
     extra = length - x.shape[axis]
     if extra == 0:
@@ -29,7 +31,8 @@ def pad_axis(x, axis: int, length: int, value=0):
 
 
 def to_blocks(x, block: int, axis: int = 2, value=0):
-    """Splits `axis` (padded with `value` to a multiple of `block`) into (nb, block)."""
+    """Splits `axis` (padded with `value` to a multiple of `block`) into (nb, block):
+    `[B, H, n, d]` -> `[B, H, nb, block, d]` for the default axis 2."""
     axis = axis % x.ndim
     nb = num_blocks(x.shape[axis], block)
     x = pad_axis(x, axis, nb * block, value)

@@ -101,7 +101,11 @@ def _query_chunk(qi, *, q, k, v, mask, bias, causal, qc, kc, nk, scale, drop):
 def chunked_attention(q, k, v, *, mask=None, bias=None, causal: bool = False,
                       query_chunk: int = 128, key_chunk: int = 128, dropout_rate: float = 0.0,
                       dropout_rng=None, deterministic: bool = True):
-    """Exact `functional.dot_product_attention` with O(n) memory; same shapes and masks.
+    """Exact `functional.dot_product_attention` with O(n) memory; same shapes and masks:
+    q `[..., q_len, heads, d]`, k/v `[..., kv_len, kv_heads, d]`, mask / bias
+    broadcastable to `[..., heads, q_len, kv_len]` -> `[..., q_len, heads, d]`.
+    Queries are processed `query_chunk` at a time against `key_chunk` keys at a time,
+    so the largest score block is `[B, heads, query_chunk, key_chunk]`.
 
     Lengths that are not multiples of the chunks are padded; padded keys are masked."""
     target = functional.scores_shape(q, k)

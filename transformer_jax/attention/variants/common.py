@@ -21,6 +21,8 @@ NEG = jnp.finfo(jnp.float32).min  # finite "minus infinity": exp() of it is 0, n
 
 
 def batch_shape(q, k) -> tuple[int, ...]:
+    """The broadcast leading (batch) dims `...` of q `[..., q_len, H, d]` and
+    k `[..., kv_len, Hkv, d]`."""
     return tuple(functional.scores_shape(q, k)[:-3])
 
 
@@ -47,7 +49,8 @@ def unflatten(out, batch):
 
 def flatten_lead(x, batch, trailing: int):
     """Flattens the leading dims of x (broadcastable to `batch`) into one axis that
-    is 1 when x does not vary over the batch, else prod(batch). `trailing` dims are kept."""
+    is 1 when x does not vary over the batch, else prod(batch). `trailing` dims are kept:
+    `[*batch, t_1..t_k]` -> `[B|1, t_1..t_k]` with k = trailing."""
     lead = len(batch)
     x = x.reshape((1,) * (lead + trailing - x.ndim) + x.shape)
     if all(s == 1 for s in x.shape[:lead]):
@@ -71,6 +74,7 @@ def key_valid(mask, batch, name: str):
 
 
 def check_self_attention(name: str, q_len: int, kv_len: int) -> None:
+    """ValueError unless q_len == kv_len: position-based patterns need self-attention."""
     if q_len != kv_len:
         raise ValueError(
             f"attention.kind={name!r} defines its sparsity pattern by token position and needs "
@@ -79,15 +83,17 @@ def check_self_attention(name: str, q_len: int, kv_len: int) -> None:
 
 
 def masked_softmax(scores, valid):
-    """float32 softmax over the last axis; invalid entries get probability 0 and a
-    row with no valid entry gets all zeros (as `functional.attention_weights`)."""
+    """float32 softmax over the last axis of scores `[..., k]` where valid (bool,
+    broadcastable to it); invalid entries get probability 0 and a row with no valid
+    entry gets all zeros (as `functional.attention_weights`)."""
     return masked_softmax_parts((scores,), (valid,))[0]
 
 
 @jax.custom_vjp
 def masked_softmax_parts(scores: tuple, valids: tuple) -> tuple:
     """One softmax over the concatenated last axes of several score blocks (e.g. a
-    window part and a global part), without building the concatenation.
+    window part `[..., k1]` and a global part `[..., k2]`), without building the
+    concatenation; returns probabilities shaped like each block.
 
     A custom VJP keeps only the probabilities for the backward pass, like
     `jax.nn.softmax`: d s_i = p_i * (g_i - sum_j <p_j, g_j>)."""
@@ -114,16 +120,19 @@ masked_softmax_parts.defvjp(_softmax_parts_fwd, _softmax_parts_bwd)
 
 
 def dropout(probs, rate: float, rng, deterministic: bool):
+    """`functional.apply_dropout` on probabilities of any shape."""
     return functional.apply_dropout(probs, rate, rng, deterministic)
 
 
 def safe_divide(num, den):
-    """num / den where den > 0, else 0 (a row with no valid key); gradients stay finite."""
+    """num / den (broadcasting) where den > 0, else 0 (a row with no valid key);
+    gradients stay finite."""
     ok = den > 0
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
 def check_positive(name: str, field: str, value: int, minimum: int = 1) -> None:
+    """ValueError naming `attention.<field>` unless it is an int >= minimum."""
     if not isinstance(value, int) or value < minimum:
         raise ValueError(
             f"attention.{field}={value!r} is invalid for kind={name!r}: it must be an int >= {minimum}")

@@ -26,7 +26,8 @@ NAME = "linear"
 
 
 def elu_feature_map(x):
-    """phi(x) = elu(x) + 1 > 0, in float32 (Katharopoulos et al. 2020, eq. 7)."""
+    """phi(x) = elu(x) + 1 > 0, elementwise in float32 (Katharopoulos et al. 2020,
+    eq. 7): `[..., d]` -> `[..., d]`."""
     return jax.nn.elu(x.astype(jnp.float32)) + 1.0
 
 

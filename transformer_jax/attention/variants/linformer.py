@@ -26,6 +26,7 @@ NAME = "linformer"
 
 
 def check_length(kv_len: int, max_len: int) -> None:
+    """ValueError unless kv_len <= max_len, the length the E, F projections were built for."""
     if kv_len > max_len:
         raise ValueError(
             f"linformer got a sequence of length {kv_len} but attention.linformer_max_len="

@@ -21,11 +21,13 @@ NAME = "local"
 
 
 def window_offsets(causal: bool) -> tuple[int, ...]:
+    """Neighbour blocks a query block needs: (-1, 0, 1), or (-1, 0) when causal."""
     return (-1, 0) if causal else (-1, 0, 1)
 
 
 def band(q_pos, k_pos, window: int, causal: bool):
-    """Whether query position q_pos may see key position k_pos under the window."""
+    """Whether query position q_pos may see key position k_pos under the window
+    (broadcasting int arrays: `[1, nb, b, 1]` and `[1, nb, 1, r*b]` -> bool `[1, nb, b, r*b]`)."""
     diff = q_pos - k_pos
     return (diff >= 0) & (diff <= window) if causal else jnp.abs(diff) <= window
 
