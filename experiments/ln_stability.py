@@ -9,7 +9,9 @@ for five placements and several depths; (b) a training sweep over placement x
 warm-up x peak learning rate x seed for BERT (MLM+NSP) and GPT (LM); (c) each
 (task, placement) of that sweep is one `jax.vmap`ped program, checked against runs
 done one by one; (d) JSONL records, CSVs, plots and `report.md` with verdicts.
-Re-running with the same --out skips the work already recorded there.
+Re-running with the same --out skips the work already recorded there. Results go
+to runs/ln_stability/<preset>/ by default; experiments/results/quick/ holds the
+committed reference output of the quick preset.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import jax
 from experiments.ln import bench, report
 from experiments.ln.presets import PRESETS, get_preset
 
-DEFAULT_OUT = Path(__file__).parent / "results"
+# Fresh runs go to runs/ (ignored by git); experiments/results/<preset> holds the
+# committed reference output, which a run with `--out` there would only re-report.
+DEFAULT_OUT = Path("runs") / "ln_stability"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     parser.add_argument("--out", type=Path, default=None,
-                        help="results directory (default: experiments/results/<preset>)")
+                        help="results directory (default: runs/ln_stability/<preset>; the committed "
+                             "reference output is in experiments/results/<preset>)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="tokenizer cache (default: <out>/.cache)")
     parser.add_argument("--quiet", action="store_true", help="only section-level progress lines")

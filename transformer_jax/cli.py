@@ -49,6 +49,7 @@ def _model_arg(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `transformer-jax` and its sub-commands."""
     parser = argparse.ArgumentParser(prog="transformer-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Entry point: parse `argv`, run the sub-command, return its exit code."""
     args = build_parser().parse_args(argv)
     import absl.logging
     absl.logging.set_verbosity(absl.logging.ERROR)

@@ -8,6 +8,8 @@ import numpy as np
 
 
 def train(args) -> int:
+    """`transformer-jax train`: one run of `training.runner`; prints the summary (a diverged
+    run is reported as such, with its step, not raised)."""
     from transformer_jax.training.run_config import RunConfig
     from transformer_jax.training.runner import train as run_training
     run = RunConfig(model=args.model, task=args.task, data=args.data, max_documents=args.max_documents,
@@ -47,6 +49,7 @@ def _load(path):
 
 
 def generate(args) -> int:
+    """`transformer-jax generate`: sample continuations of --prompt with the KV cache."""
     import jax
     from transformer_jax.models import GPT, GPTConfig, generate as sample
     config, params, tokenizer, _ = _load(args.model)
@@ -65,6 +68,7 @@ def generate(args) -> int:
 
 
 def embed(args) -> int:
+    """`transformer-jax embed`: one JSON line with the sentence vector of each --text."""
     from transformer_jax.models import BertConfig, BertForSentenceEmbedding
     config, params, tokenizer, pooling = _load(args.model)
     if not isinstance(config, BertConfig):
@@ -88,6 +92,7 @@ def embed(args) -> int:
 
 
 def info(args) -> int:
+    """`transformer-jax info`: versions, devices and the table of model presets."""
     import flax
     import jax
     import optax

@@ -40,6 +40,9 @@ def _probability(name: str, value: float) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
+    """Architecture of a transformer stack: sizes, norm placement, positions, kernel,
+    dtypes and the speed switches (remat, vocab padding, fused QKV, scanned layers).
+    Frozen and hashable; validated on construction."""
     vocab_size: int = 1000
     d_model: int = 128
     num_heads: int = 2
@@ -132,19 +135,23 @@ class TransformerConfig:
 
     @property
     def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to vocab_pad_multiple: the rows of the embedding table."""
         m = self.vocab_pad_multiple
         return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:
+        """d_model // num_heads."""
         return self.d_model // self.num_heads
 
     @property
     def compute_dtype(self):
+        """`dtype` as a jnp dtype: activations and matmuls."""
         return jnp.dtype(self.dtype)
 
     @property
     def params_dtype(self):
+        """`param_dtype` as a jnp dtype: stored parameters."""
         return jnp.dtype(self.param_dtype)
 
     def replace(self, **kwargs):

@@ -10,6 +10,8 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
+    """Which attention kernel `MultiHeadAttention` calls and the knobs of each
+    (`kind` picks one; fields a kind does not read are ignored by it)."""
     # Which kernel computes softmax(QK^T/sqrt(d))V (or its approximation). A name
     # registered in `transformer_jax.attention.registry`; "xla" is the reference,
     # "auto" (the default) is cuDNN flash attention where it applies, else "xla".
@@ -48,4 +50,5 @@ class AttentionConfig:
     linear_chunk: int = 64
 
     def replace(self, **kwargs) -> "AttentionConfig":
+        """A copy with `kwargs` fields changed."""
         return dataclasses.replace(self, **kwargs)

@@ -25,6 +25,8 @@ from transformer_jax.attention import functional, masks as masks_lib
 
 @dataclasses.dataclass(frozen=True)
 class AttentionVariant:
+    """A registered kernel: `fn` (see the module docstring for its signature and
+    shapes) and what it supports, which `MultiHeadAttention` checks before calling it."""
     name: str
     fn: Callable[..., Any]
     make_extra: Callable[..., dict] | None = None
@@ -43,21 +45,26 @@ _REGISTRY: dict[str, AttentionVariant] = {}
 
 
 def register(variant: AttentionVariant) -> AttentionVariant:
+    """Makes `variant` selectable as `AttentionConfig(kind=variant.name)`."""
     _REGISTRY[variant.name] = variant
     return variant
 
 
 def names() -> tuple[str, ...]:
+    """The registered kinds, sorted."""
     return tuple(sorted(_REGISTRY))
 
 
 def get(name: str) -> AttentionVariant:
+    """The variant called `name`; ValueError listing the valid names otherwise."""
     if name not in _REGISTRY:
         raise ValueError(f"attention.kind={name!r} is not a known attention; valid: {', '.join(names())}")
     return _REGISTRY[name]
 
 
 def validate(config, *, causal: bool, position: str, attention_dropout: float) -> None:
+    """Raises ValueError if `config.kind` cannot honour causality, this position
+    encoding or attention dropout; called when a model config is built."""
     variant = get(config.kind)
     if variant.validate is not None:
         variant.validate(config, causal=causal, position=position,

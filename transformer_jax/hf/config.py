@@ -71,6 +71,7 @@ def _build(cls, hf_name: str, **fields):
 
 
 def bert_from_hf(hf: dict, **overrides) -> BertConfig:
+    """A HF BERT `config.json` dict -> BertConfig (ValueError on what we cannot represent)."""
     hf = {**_BERT_DEFAULTS, **hf}
     _require(hf, "position_embedding_type", "absolute",
              "relative_key(_query) are the relative positions of Shaw et al. 2018 / Huang et al. 2020")
@@ -88,6 +89,7 @@ def bert_from_hf(hf: dict, **overrides) -> BertConfig:
 
 
 def gpt2_from_hf(hf: dict, **overrides) -> GPTConfig:
+    """A HF GPT-2 `config.json` dict -> GPTConfig (ValueError on what we cannot represent)."""
     if "n_ctx" in hf and "n_positions" not in hf:  # configs older than transformers 2.x
         hf = {**hf, "n_positions": hf["n_ctx"]}
     hf = {**_GPT2_DEFAULTS, **hf}
@@ -144,6 +146,7 @@ def check_exportable(config, family: str) -> None:
 
 
 def bert_to_hf(config: BertConfig, arch: str) -> dict:
+    """BertConfig -> a HF BERT `config.json` dict for architecture `arch`."""
     check_exportable(config, "bert")
     return dict(architectures=[arch], model_type="bert", vocab_size=config.vocab_size,
                 hidden_size=config.d_model, num_hidden_layers=config.num_layers,
@@ -157,6 +160,7 @@ def bert_to_hf(config: BertConfig, arch: str) -> dict:
 
 
 def gpt2_to_hf(config: GPTConfig, arch: str = "GPT2LMHeadModel") -> dict:
+    """GPTConfig -> a HF GPT-2 `config.json` dict."""
     check_exportable(config, "gpt2")
     # bos/eos are vocabulary facts this config does not know; None keeps
     # transformers from assuming GPT-2's 50256 in a smaller vocabulary.

@@ -8,6 +8,7 @@ from transformer_jax.attention import masks
 
 
 def check_length(input_ids, max_len: int, field: str = "input_ids") -> None:
+    """ValueError naming `field` if ids `[..., seq]` are longer than `max_len`."""
     seq = input_ids.shape[-1]
     if seq > max_len:
         raise ValueError(f"{field} has sequence length {seq} (shape {tuple(input_ids.shape)}) "

@@ -62,6 +62,7 @@ class EncoderDecoderConfig(TransformerConfig):
             raise ValueError(f"num_decoder_layers={self.num_decoder_layers!r} must be a positive integer")
 
     def decoder_config(self) -> "EncoderDecoderConfig":
+        """This config with num_layers = num_decoder_layers: what the decoder stack reads."""
         return self.replace(num_layers=self.num_decoder_layers)
 
 

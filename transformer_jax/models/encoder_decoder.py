@@ -32,6 +32,8 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, memory, tgt_ids, src_mask=None, tgt_mask=None, *, src_ids=None,
                deterministic=True):
+        """memory `[..., S, d_model]`, tgt_ids `[..., T]` -> logits `[..., T, vocab]`;
+        masks `[..., S]` / `[..., T]` are True/1 on real tokens."""
         check_length(tgt_ids, self.config.max_len, "tgt_ids")
         x = self.embeddings(tgt_ids, deterministic=deterministic)
         memory_mask = None if src_mask is None else key_padding_mask(
@@ -41,6 +43,7 @@ class EncoderDecoder(nn.Module):
         return self.embeddings.attend(x)
 
     def __call__(self, src_ids, tgt_ids, src_mask=None, tgt_mask=None, *, deterministic=True):
+        """src_ids `[..., S]`, tgt_ids `[..., T]` (teacher-forced) -> logits `[..., T, vocab]`."""
         memory = self.encode(src_ids, src_mask, deterministic=deterministic)
         return self.decode(memory, tgt_ids, src_mask, tgt_mask, src_ids=src_ids,
                            deterministic=deterministic)

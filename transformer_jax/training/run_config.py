@@ -30,6 +30,8 @@ def _pos_int(name, value) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """Everything a training run needs besides the model architecture: data, sizes,
+    optimisation, checkpoints, parallelism. Frozen; validated on construction."""
     model: str = "gpt-tiny"            # preset name (transformer_jax.models.PRESETS)
     task: str = "lm"                   # mlm (BERT MLM+NSP) | lm (GPT) | seq2seq
     data: str | None = None            # None = embedded stdlib corpus; a path; "hf:NAME"

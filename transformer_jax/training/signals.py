@@ -19,6 +19,8 @@ import threading
 
 
 class GracefulShutdown:
+    """Context manager that turns SIGINT/SIGTERM into a flag (`requested`) the
+    training loop polls, so it can checkpoint and stop between steps."""
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
         self.signals = tuple(signals)
         self.requested = False

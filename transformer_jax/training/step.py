@@ -112,6 +112,7 @@ def make_train_step(task: Task | str, *, donate: bool = True) -> Callable:
 
 @functools.lru_cache(maxsize=32)
 def make_eval_step(task: Task | str) -> Callable:
+    """jit(eval_step) for `task`: (state, batch) -> metrics, dropout off."""
     return jax.jit(functools.partial(eval_step, task=_resolve(task)))
 
 

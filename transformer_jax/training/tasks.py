@@ -24,6 +24,8 @@ Batch = Mapping[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+    """How one pre-training objective feeds a batch to its model and scores it; the
+    field comments give each function's role, the module docstring the batch shapes."""
     name: str
     fields: tuple[str, ...]                       # keys a batch must have
     inputs: Callable[[Batch], tuple[tuple, dict]]  # batch -> model (args, kwargs)
@@ -33,6 +35,7 @@ class Task:
     label_smoothing: float = 0.0                   # seq2seq only (Szegedy et al. 2016)
 
     def check_batch(self, batch: Batch) -> None:
+        """ValueError naming the missing fields if `batch` lacks any of `self.fields`."""
         missing = [f for f in self.fields if f not in batch]
         if missing:
             raise ValueError(f"batch for task {self.name!r} lacks fields {missing}; it has "
