@@ -30,10 +30,11 @@ import jax
 from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from transformer_jax.models import build, get_config
 from transformer_jax.stacks import stack_layers
-from transformer_jax.training.step import compute_grads, compute_loss
+from transformer_jax.training.step import apply_grads, compute_grads, compute_loss
 from transformer_jax.training import (count_params, create_train_state, get_task, init_params,
                                       make_optimizer, make_train_step, measure_matmul_peak,
                                       task_for_config)
@@ -121,27 +122,52 @@ def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bo
             "loss": float(metrics["loss"]), "steps": int(state.step)}
 
 
+def _median_ms(compiled, args, steps: int, donated: bool = False) -> float:
+    """Median wall ms of `compiled(*args)`; a donated first argument is threaded through."""
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        if donated:
+            args = (out[0], *args[1:])
+        t0 = time.perf_counter()
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def breakdown(config, task: str, batch_size: int, seq: int, steps: int) -> dict:
     """Median ms of the step's parts, each jitted alone: the loss (forward), the loss
-    and gradients (forward + backward); the rest of a step is the optimizer update
-    and the metrics."""
+    and gradients (forward + backward), the update as the train step does it
+    (`apply_grads`: clipping, AdamW, the skip-if-non-finite select and the norm
+    metrics) and a bare optax AdamW update, on gradient-shaped random arrays."""
     params = same_start(config, task)
     model = build(config)
     batch = jax.device_put(random_batch(task, config, batch_size, seq))
     t = get_task(task)
     rng = jax.random.PRNGKey(0)
-    parts = {"forward": jax.jit(lambda p, b: compute_loss(model.apply, p, b, rng, t)["loss"]),
-             "forward+backward": jax.jit(lambda p, b: compute_grads(model.apply, p, b, rng, t)[2])}
     out = {}
-    for name, fn in parts.items():
-        compiled = fn.lower(params, batch).compile()
-        jax.block_until_ready(compiled(params, batch))
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(params, batch))
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times) * 1e3
+    for name, fn in {"forward": lambda p, b: compute_loss(model.apply, p, b, rng, t)["loss"],
+                     "forward+backward": lambda p, b: compute_grads(model.apply, p, b, rng, t)[2]
+                     }.items():
+        out[name] = _median_ms(jax.jit(fn).lower(params, batch).compile(), (params, batch), steps)
+    tx = make_optimizer(1e-4)
+    grads = jax.tree.map(lambda x: 1e-3 * jax.random.normal(rng, x.shape, x.dtype), params)
+    state = create_train_state(config, tx, rng, task=task, params=jax.tree.map(jnp.copy, params))
+    update = jax.jit(lambda s, g: apply_grads(s, g), donate_argnums=(0,))
+    out["update (apply_grads)"] = _median_ms(update.lower(state, grads).compile(),
+                                             (state, grads), steps, donated=True)
+    adamw = optax.adamw(1e-4)
+
+    def bare(pair, g):
+        p, opt = pair
+        updates, opt = adamw.update(g, opt, p)
+        return (optax.apply_updates(p, updates), opt), None
+    pair = (jax.tree.map(jnp.copy, params), adamw.init(params))
+    bare_fn = jax.jit(bare, donate_argnums=(0,))
+    out["bare optax.adamw"] = _median_ms(bare_fn.lower(pair, grads).compile(), (pair, grads),
+                                         steps, donated=True)
     return out
 
 

@@ -218,7 +218,8 @@ def test_gradient_accumulation_equals_large_batch():
 
 
 def test_step_metrics_are_consistent():
-    config, tx, lr_fn, step = gpt_setup(1)
+    config, tx, lr_fn, plain_step = gpt_setup(1)
+    step = make_train_step("lm", detailed=True)
     state = fresh_state(1)
     lrs = []
     for i in range(3):
@@ -232,6 +233,11 @@ def test_step_metrics_are_consistent():
         total = sum(float(m[f"{kind}/{g}"]) ** 2 for g in groups)
         np.testing.assert_allclose(total, float(m[kind]) ** 2, rtol=1e-4)
     assert float(m["update_norm"]) > 0 and float(m["finite"]) == 1.0
+    basic_state, basic = plain_step(fresh_state(1), lm_batch(10, pad=True))
+    assert "update_norm" not in basic and not any("/" in k for k in basic)
+    detailed_state, detailed = step(fresh_state(1), lm_batch(10, pad=True))
+    np.testing.assert_allclose(basic["grad_norm"], detailed["grad_norm"], rtol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, basic_state.params, detailed_state.params)
     np.testing.assert_allclose(m["perplexity"], np.exp(m["nll"]), rtol=1e-5)
     ev = make_eval_step("lm")(state, lm_batch(20, pad=True))
     assert set(ev) >= {"loss", "accuracy", "perplexity", "weight"}

@@ -6,7 +6,7 @@ Nothing here reads Python state, so `jax.vmap(partial(train_step, task=t))` runs
 a stack of states (seeds) at once and a data-parallel step can insert its
 all-reduce between the two halves.
 
-A non-finite loss, gradient or update leaves the whole state as it was (params,
+A non-finite loss or gradient leaves the whole state as it was (params,
 optimizer moments, gradient accumulator and step) and reports `finite = 0`:
 the last good state stays intact for a checkpoint, and a run that goes on after
 a skipped batch sees the same learning rate and dropout key for its next one.
@@ -56,27 +56,38 @@ def compute_grads(apply_fn: Callable, params, batch: Batch, rng, task: Task | st
     return loss, metrics, grads
 
 
-def apply_grads(state: TrainState, grads, loss=None) -> tuple[TrainState, dict]:
-    """One optimizer update, skipped when the loss, gradient or update is not finite.
-    -> (new state, {grad_norm, update_norm, param_norm, finite, [lr], per-layer norms})."""
-    grad_norm, grad_norms = grouped_norms(grads)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    update_norm, update_norms = grouped_norms(updates)
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+def apply_grads(state: TrainState, grads, loss=None, *, detailed: bool = False
+                ) -> tuple[TrainState, dict]:
+    """One optimizer update, skipped when the loss or the gradient is not finite.
+    -> (new state, {grad_norm, finite, [lr]}); `detailed` adds update_norm, param_norm
+    and per-layer gradient and update norms ("grad_norm/decoder/layer_3", ...).
+
+    The skip depends only on what is known before the update (with a finite
+    gradient and state, AdamW's update is finite: its denominator is at least
+    eps), so the per-leaf select fuses into the update's elementwise kernels
+    instead of waiting for a norm over every update; `detailed` costs extra
+    passes over the gradients, the updates and the parameters."""
+    if detailed:
+        grad_norm, grad_norms = grouped_norms(grads)
+    else:
+        grad_norm = global_norm(grads)
+    finite = jnp.isfinite(grad_norm)
     if loss is not None:
         finite &= jnp.isfinite(loss)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
     # A select per leaf, not lax.cond: on GPU a conditional reads its predicate on
-    # the host, a sync in the middle of every step, while the selects fuse into the
-    # optimizer's elementwise update kernels (under vmap a cond is a select anyway).
+    # the host, a sync in the middle of every step (under vmap a cond is a select anyway).
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    metrics = {"grad_norm": grad_norm, "update_norm": update_norm,
-               "param_norm": global_norm(new.params), "finite": finite.astype(jnp.float32)}
+    metrics = {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     if state.lr_fn is not None:
         metrics["lr"] = jnp.asarray(state.lr_fn(state.step), jnp.float32)
-    metrics.update({f"grad_norm/{k}": v for k, v in grad_norms.items()})
-    metrics.update({f"update_norm/{k}": v for k, v in update_norms.items()})
+    if detailed:
+        update_norm, update_norms = grouped_norms(updates)
+        metrics.update({"update_norm": update_norm, "param_norm": global_norm(new.params)})
+        metrics.update({f"grad_norm/{k}": v for k, v in grad_norms.items()})
+        metrics.update({f"update_norm/{k}": v for k, v in update_norms.items()})
     return new, metrics
 
 
@@ -86,11 +97,13 @@ def _with_perplexity(metrics: dict) -> dict:
     return out
 
 
-def train_step(state: TrainState, batch: Batch, task: Task | str) -> tuple[TrainState, dict]:
-    """One step on one (micro-)batch; the dropout key is fold_in(state.rng, state.step)."""
+def train_step(state: TrainState, batch: Batch, task: Task | str, *, detailed: bool = False
+               ) -> tuple[TrainState, dict]:
+    """One step on one (micro-)batch; the dropout key is fold_in(state.rng, state.step).
+    `detailed`: also per-layer gradient / update norms (see `apply_grads`)."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     loss, metrics, grads = compute_grads(state.apply_fn, state.params, batch, rng, task)
-    state, update_metrics = apply_grads(state, grads, loss)
+    state, update_metrics = apply_grads(state, grads, loss, detailed=detailed)
     return state, {**_with_perplexity(metrics), **update_metrics}
 
 
@@ -103,10 +116,11 @@ def eval_step(state: TrainState, batch: Batch, task: Task | str) -> dict:
 # Cached so that runs of the same task in one process (a sweep, a resumed run)
 # share one jitted function, and so one compilation per input shape.
 @functools.lru_cache(maxsize=32)
-def make_train_step(task: Task | str, *, donate: bool = True) -> Callable:
+def make_train_step(task: Task | str, *, donate: bool = True, detailed: bool = False) -> Callable:
     """jit(train_step) for `task`; the state argument is donated (its buffers are
-    reused for the new state, so the caller must not touch the old one)."""
-    return jax.jit(functools.partial(train_step, task=_resolve(task)),
+    reused for the new state, so the caller must not touch the old one).
+    `detailed=True` adds per-layer gradient and update norms to the metrics."""
+    return jax.jit(functools.partial(train_step, task=_resolve(task), detailed=detailed),
                    donate_argnums=(0,) if donate else ())
 
 
