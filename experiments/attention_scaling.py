@@ -29,6 +29,7 @@ import numpy as np
 from transformer_jax.attention import registry
 from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.attention.variants.performer import orthogonal_random_features
+from transformer_jax.training.metrics import program_bytes
 
 HEADS, HEAD_DIM = 8, 64
 KINDS = ("xla", "chunked", "local", "longformer", "bigbird", "linformer", "linear", "performer")
@@ -71,12 +72,6 @@ def loss_and_grads(kind: str, config: AttentionConfig):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
-def peak_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-               - m.alias_size_in_bytes)
-
-
 def available_bytes() -> int:
     if jax.default_backend() != "cpu":
         stats = jax.devices()[0].memory_stats() or {}
@@ -91,7 +86,7 @@ def prepare(kind: str, n: int, config: AttentionConfig, dtype, inputs) -> dict:
     q, k, v, ct = inputs
     args = (q, k, v, kernel_extra(kind, config, dtype), ct)
     compiled = jax.jit(loss_and_grads(kind, config)).lower(*args).compile()
-    peak = peak_bytes(compiled)
+    peak = program_bytes(compiled)
     row = dict(kind=kind, n=n, dtype=jnp.dtype(dtype).name, device=jax.devices()[0].device_kind,
                peak_mb=peak / 2**20, time_s=float("nan"), status="ok")
     if peak > 0.7 * available_bytes():

@@ -27,17 +27,18 @@ import time
 
 import flax
 import jax
-from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from transformer_jax.models import build, get_config
 from transformer_jax.stacks import stack_layers
-from transformer_jax.training.step import apply_grads, compute_grads, compute_loss
 from transformer_jax.training import (count_params, create_train_state, get_task, init_params,
                                       make_optimizer, make_train_step, measure_matmul_peak,
-                                      task_for_config)
+                                      model_flops_per_token, task_for_config)
+from transformer_jax.training.metrics import program_bytes
+from transformer_jax.training.step import apply_grads, compute_grads, compute_loss
 
 
 def random_batch(task: str, config, batch: int, seq: int, seed: int = 0) -> dict:
@@ -56,14 +57,14 @@ def random_batch(task: str, config, batch: int, seq: int, seed: int = 0) -> dict
 
 def flops_per_token(config, params, task: str, batch: dict, seq: int) -> float:
     n = count_params(params, exclude_position=True)
-    attention = 12 * config.num_layers * config.d_model * seq
+    flops = model_flops_per_token(config, seq, num_params=n)
     if task != "mlm":
-        return 6 * n + attention
+        return flops
     # The tied output projection (V x d) and the head transform (d x d) act only at
     # the P predicted positions of L, not at every token.
     head = config.vocab_size * config.d_model + config.d_model ** 2
     frac = batch["mlm_positions"].shape[1] / seq
-    return 6 * (n - head) + 6 * head * frac + attention
+    return flops - 6 * head * (1 - frac)
 
 
 def _layout_only(config):
@@ -118,7 +119,7 @@ def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bo
     dt = statistics.median(times)
     tokens = batch_size * seq
     return {"step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "model_tflops": fpt * tokens / dt / 1e12,
-            "compile_s": compile_s, "program_gb": _program_memory(compiled) / 1e9,
+            "compile_s": compile_s, "program_gb": (program_bytes(compiled) or float("nan")) / 1e9,
             "loss": float(metrics["loss"]), "steps": int(state.step)}
 
 
@@ -169,16 +170,6 @@ def breakdown(config, task: str, batch_size: int, seq: int, steps: int) -> dict:
     out["bare optax.adamw"] = _median_ms(bare_fn.lower(pair, grads).compile(), (pair, grads),
                                          steps, donated=True)
     return out
-
-
-def _program_memory(compiled) -> float:
-    """Bytes the compiled step needs (its own account: arguments + outputs + temporaries
-    - donated aliases), per row; the device's peak counter only grows across rows."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return float("nan")
-    return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-                 - m.alias_size_in_bytes)
 
 
 # Every speed switch off: XLA attention, separate Q/K/V matmuls, whole logits,

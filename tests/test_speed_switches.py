@@ -129,9 +129,8 @@ def test_scanned_layers_compute_the_unrolled_stack(family):
     args = (ids, ids) if family == "transformer-tiny" else (ids,)
     plain, scanned = model(config), model(config.replace(scan_layers=True, remat="dots"))
     params = plain.init(jax.random.PRNGKey(1), *args)["params"]
-    stacked = jax.tree.map(lambda x: x, params)
     stacked = {k: stack_layers(v, 3 if k == "decoder" and family == "transformer-tiny" else 2)
-               for k, v in stacked.items()}
+               for k, v in params.items()}
     assert jax.tree.structure(stacked) == jax.tree.structure(
         jax.eval_shape(scanned.init, jax.random.PRNGKey(1), *args)["params"])
     assert jax.tree.structure(unstack_layers(stacked)) == jax.tree.structure(params)

@@ -85,7 +85,8 @@ class TransformerConfig:
     remat: str = "none"
     # Round the embedding table up to a multiple of this (e.g. 128, as nanoGPT's
     # 50304) so the output matmul tiles evenly on accelerators; logits are sliced
-    # back to vocab_size, so the extra rows never reach the loss. 1 = no padding.
+    # back to vocab_size (masked inside GPT's loss), so the extra rows never reach
+    # a prediction. 1 = no padding.
     vocab_pad_multiple: int = 1
     # Compute Q, K and V with one matmul (the kernels stay three parameters, so
     # checkpoints and imported weights are unaffected). Same maths.

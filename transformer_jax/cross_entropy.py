@@ -3,7 +3,7 @@
 The loss is always taken in float32: logits may arrive in bfloat16, whose 8
 mantissa bits lose too much in the sum of exponentials. The chunked form exists
 for large vocabularies: GPT-2's 12 x 1024 tokens x 50304 logits are 2.5 GB in
-float32, and `chunked_token_nll` never holds more than one chunk of them
+float32, and `chunked_token_stats` never holds more than one chunk of them
 (forward or backward), at the price of recomputing each chunk's logits in the
 backward pass.
 """

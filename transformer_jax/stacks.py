@@ -19,6 +19,11 @@ from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import deepnorm_constants, has_final_norm, make_norm
 
 
+# Where `scan_layers` puts the stacked layers: `.../layers/block/...` (read by
+# `training.metrics.grouped_norms` to report them per layer).
+SCAN_NAME, SCAN_BLOCK = "layers", "block"
+
+
 def _remat_policy(cfg: TransformerConfig):
     return None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
@@ -41,7 +46,7 @@ class _EncoderStep(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, kernel_kwargs):
-        block = EncoderBlock(self.config, alpha=self.alpha, beta=self.beta, name="block")
+        block = EncoderBlock(self.config, alpha=self.alpha, beta=self.beta, name=SCAN_BLOCK)
         return block(x, mask, self.deterministic, self.sow_weights, **kernel_kwargs), None
 
 
@@ -57,7 +62,7 @@ class _DecoderStep(nn.Module):
     @nn.compact
     def __call__(self, x, memory, mask, memory_mask):
         block = DecoderBlock(self.config, alpha=self.alpha, beta=self.beta,
-                             cross_attention=self.cross_attention, name="block")
+                             cross_attention=self.cross_attention, name=SCAN_BLOCK)
         return block(x, memory, mask, memory_mask, self.deterministic, self.decode,
                      self.sow_weights), None
 
@@ -71,8 +76,8 @@ def _scanned(step_cls, cfg: TransformerConfig, num_broadcast: int, **attrs):
     scan = nn.scan(body, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                    split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,) * num_broadcast, length=cfg.num_layers,
-                   metadata_params={nn.PARTITION_NAME: "layers"})
-    return scan(cfg, name="layers", **attrs)
+                   metadata_params={nn.PARTITION_NAME: SCAN_NAME})
+    return scan(cfg, name=SCAN_NAME, **attrs)
 
 
 def stack_layers(params: Any, num_layers: int) -> Any:
@@ -83,7 +88,7 @@ def stack_layers(params: Any, num_layers: int) -> Any:
     if "layer_0" in params:
         rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
         layers = [params[f"layer_{i}"] for i in range(num_layers)]
-        return {**rest, "layers": {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}}
+        return {**rest, SCAN_NAME: {SCAN_BLOCK: jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}}
     return {k: stack_layers(v, num_layers) for k, v in params.items()}
 
 
@@ -91,17 +96,20 @@ def unstack_layers(params: Any) -> Any:
     """The inverse of `stack_layers`."""
     if not isinstance(params, dict):
         return params
-    if "layers" in params and "block" in params["layers"]:
-        block = params["layers"]["block"]
+    if SCAN_BLOCK in params.get(SCAN_NAME, {}):
+        block = params[SCAN_NAME][SCAN_BLOCK]
         n = jax.tree.leaves(block)[0].shape[0]
-        rest = {k: v for k, v in params.items() if k != "layers"}
+        rest = {k: v for k, v in params.items() if k != SCAN_NAME}
         return {**rest, **{f"layer_{i}": jax.tree.map(lambda x: x[i], block) for i in range(n)}}
     return {k: unstack_layers(v) for k, v in params.items()}
 
 
-def _final_norm(cfg: TransformerConfig):
+def _final_norm(cfg: TransformerConfig, x):
+    """The stack's last norm, for placements that end with one (pre, sandwich)."""
+    if not has_final_norm(cfg.norm_placement):
+        return x
     return make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype,
-                     "final_norm")
+                     "final_norm")(x)
 
 
 class Encoder(nn.Module):
@@ -121,12 +129,12 @@ class Encoder(nn.Module):
         if cfg.scan_layers:
             x, _ = _scanned(_EncoderStep, cfg, 2, alpha=alpha, beta=beta,
                             deterministic=deterministic, sow_weights=sow_weights)(x, mask, kernel_kwargs)
-            return _final_norm(cfg)(x) if has_final_norm(cfg.norm_placement) else x
-        block = _block_class(EncoderBlock, cfg, static_argnums=(3, 4))
-        for i in range(cfg.num_layers):
-            x = block(cfg, alpha=alpha, beta=beta, name=f"layer_{i}")(
-                x, mask, deterministic, sow_weights, **kernel_kwargs)
-        return _final_norm(cfg)(x) if has_final_norm(cfg.norm_placement) else x
+        else:
+            block = _block_class(EncoderBlock, cfg, static_argnums=(3, 4))
+            for i in range(cfg.num_layers):
+                x = block(cfg, alpha=alpha, beta=beta, name=f"layer_{i}")(
+                    x, mask, deterministic, sow_weights, **kernel_kwargs)
+        return _final_norm(cfg, x)
 
 
 class Decoder(nn.Module):
@@ -147,9 +155,10 @@ class Decoder(nn.Module):
             x, _ = _scanned(_DecoderStep, cfg, 3, alpha=alpha, beta=beta,
                             cross_attention=self.cross_attention, deterministic=deterministic,
                             decode=decode, sow_weights=sow_weights)(x, memory, mask, memory_mask)
-            return _final_norm(cfg)(x) if has_final_norm(cfg.norm_placement) else x
-        block = _block_class(DecoderBlock, cfg, static_argnums=(5, 6, 7))
-        for i in range(cfg.num_layers):
-            x = block(cfg, alpha=alpha, beta=beta, cross_attention=self.cross_attention,
-                      name=f"layer_{i}")(x, memory, mask, memory_mask, deterministic, decode, sow_weights)
-        return _final_norm(cfg)(x) if has_final_norm(cfg.norm_placement) else x
+        else:
+            block = _block_class(DecoderBlock, cfg, static_argnums=(5, 6, 7))
+            for i in range(cfg.num_layers):
+                x = block(cfg, alpha=alpha, beta=beta, cross_attention=self.cross_attention,
+                          name=f"layer_{i}")(x, memory, mask, memory_mask, deterministic, decode,
+                                             sow_weights)
+        return _final_norm(cfg, x)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from transformer_jax.config import TransformerConfig
 from transformer_jax.models.configs import EncoderDecoderConfig
+from transformer_jax.stacks import SCAN_BLOCK, SCAN_NAME
 
 _LAYER = re.compile(r"layer_\d+")
 
@@ -32,7 +33,7 @@ def group_name(path: tuple[str, ...]) -> str:
 def _scanned_prefix(path: tuple[str, ...]) -> str | None:
     """"decoder" for a `scan_layers` leaf "decoder/layers/block/...", else None."""
     for i in range(len(path) - 2):
-        if path[i] == "layers" and path[i + 1] == "block":
+        if path[i] == SCAN_NAME and path[i + 1] == SCAN_BLOCK:
             return "/".join(path[:i])
     return None
 
@@ -102,6 +103,17 @@ def model_flops_per_token(config: TransformerConfig, seq_len: int | None = None,
         num_params = count_params(params, exclude_position=True)
     seq = config.max_len if seq_len is None else seq_len
     return 6 * num_params + 12 * _attention_layers(config) * config.d_model * seq
+
+
+def program_bytes(compiled) -> int | None:
+    """Device bytes a compiled program needs, by its own account (arguments + outputs +
+    temporaries - donated aliases): exact for the program, no allocation needed.
+    None where the backend gives no memory analysis."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+               - m.alias_size_in_bytes)
 
 
 def measure_matmul_peak(dtype: str = "bfloat16", size: int = 4096, repeats: int = 5) -> float:
