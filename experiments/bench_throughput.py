@@ -12,7 +12,9 @@ timed steps (every row starts from the same seed and batch, so losses compare).
 `--set field=value` changes the baseline; `--compare field=value` (any config
 field, plus `attention=KIND` and `donate=false`) or `--compare plain` (every
 switch off) adds a variant row measured in the same run, so every ratio is
-taken side by side.
+taken side by side. `--profile [DIR]` traces five baseline steps and prints the
+device time per step by phase (forward, backward, update) and by module
+(`experiments/trace_summary.py`).
 
 FLOPs per token follow nanoGPT: 6 N + 12 L d T with N excluding position
 embeddings (Kaplan et al. 2020, arXiv 2001.08361). For BERT the MLM head runs only
@@ -32,6 +34,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from experiments import trace_summary
 from transformer_jax.models import build, get_config
 from transformer_jax.stacks import stack_layers
 from transformer_jax.training import (count_params, create_train_state, get_task, init_params,
@@ -97,7 +100,8 @@ def same_start(config, task: str):
     return stack_layers(params, config.num_layers) if config.scan_layers else params
 
 
-def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bool = True) -> dict:
+def prepare(config, task: str, batch_size: int, seq: int, donate: bool = True):
+    """(compiled train step, its state, batch, compile seconds) from the same start."""
     tx = make_optimizer(1e-4)
     state = create_train_state(config, tx, jax.random.PRNGKey(0), task=task,
                                params=same_start(config, task))
@@ -105,7 +109,14 @@ def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bo
     step = make_train_step(get_task(task), donate=donate)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    return compiled, state, batch, time.perf_counter() - t0
+
+
+def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bool = True,
+            keep: bool = False) -> dict:
+    """Timings of the train step; `keep` adds "run": (compiled step, last state, batch)
+    for a profile that should not compile the step again."""
+    compiled, state, batch, compile_s = prepare(config, task, batch_size, seq, donate)
     fpt = flops_per_token(config, state.params, task, batch, seq)
     for _ in range(3):
         state, metrics = compiled(state, batch)
@@ -120,7 +131,8 @@ def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bo
     tokens = batch_size * seq
     return {"step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "model_tflops": fpt * tokens / dt / 1e12,
             "compile_s": compile_s, "program_gb": (program_bytes(compiled) or float("nan")) / 1e9,
-            "loss": float(metrics["loss"]), "steps": int(state.step)}
+            "loss": float(metrics["loss"]), "steps": int(state.step),
+            **({"run": (compiled, state, batch)} if keep else {})}
 
 
 def _median_ms(compiled, args, steps: int, donated: bool = False) -> float:
@@ -218,6 +230,8 @@ def main(argv=None) -> None:
     p.add_argument("--matmul-size", type=int, default=None)
     p.add_argument("--breakdown", action="store_true",
                    help="also time the baseline's forward and forward+backward alone")
+    p.add_argument("--profile", nargs="?", const="runs/profile", default=None, metavar="DIR",
+                   help="also trace 5 baseline steps into DIR and print device time by phase and module")
     p.add_argument("--set", action="append", default=[], help="baseline fields, e.g. vocab_pad_multiple=128")
     p.add_argument("--compare", action="append", default=[],
                    help="a variant row: field=value[,field=value] (attention=xla, donate=false, ...) or 'plain'")
@@ -243,7 +257,8 @@ def main(argv=None) -> None:
     results = []
     for name, config, donate in rows:
         try:
-            r = measure(config, task, args.batch, args.seq, args.steps, donate)
+            r = measure(config, task, args.batch, args.seq, args.steps, donate,
+                        keep=bool(args.profile) and not results)
         except Exception as e:  # one failing variant must not lose the others' numbers
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             results.append(None)
@@ -259,6 +274,11 @@ def main(argv=None) -> None:
         parts = breakdown(base, task, args.batch, args.seq, args.steps)
         print("baseline breakdown: " + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
               + f", full step {results[0]['step_ms']:.2f} ms", flush=True)
+    if args.profile and results[0]:
+        compiled, state, batch = results[0].pop("run")
+        print("baseline profile (5 steps, jax.profiler):\n"
+              + trace_summary.profile(compiled, (state, batch), 5, args.profile, donated=base_donate,
+                                      step_ms=results[0]["step_ms"]), flush=True)
     print(f"\n{dtype} {size}^3 matmul ceiling (best seen in this process): {ceiling:.2f} TFLOP/s")
     print(f"| variant | step ms | tokens/s | model TFLOP/s | of ceiling | vs baseline | compile s "
           f"| program GB | loss after {results[0]['steps'] if results[0] else '?'} steps |")

@@ -4,8 +4,9 @@
 # switch, nanoGPT's bench.py (torch.compile) and HF BertForPreTraining beside them.
 #   OUT=gpu_results bash experiments/gpu_benchmarks.sh
 # GPT_ROWS / BERT_ROWS (space-separated --compare values), GPT_BREAKDOWN= /
-# BERT_BREAKDOWN= (empty: skip the forward/backward split) and *_S (time limits
-# in seconds) shorten a session. nanoGPT is not part of this repository: put its
+# BERT_BREAKDOWN= (empty: skip the forward/backward split), GPT_PROFILE= /
+# BERT_PROFILE= (empty: skip the kernel-time profile of the baseline) and *_S
+# (time limits in seconds) shorten a session. nanoGPT is not part of this repository: put its
 # bench.py, model.py and configurator.py in third_party/nanoGPT/ (ignored by git).
 set -u
 OUT=${OUT:-gpu_results}
@@ -19,12 +20,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 # shellcheck disable=SC2046
 timeout "${GPT_S:-400}" $PY -m experiments.bench_throughput --preset gpt2-small --batch 12 --seq 1024 \
-    --set vocab_pad_multiple=128 ${GPT_BREAKDOWN---breakdown} $(compare "$GPT_ROWS") 2>&1 | tee "$OUT/gpt2.md"
+    --set vocab_pad_multiple=128 ${GPT_BREAKDOWN---breakdown} ${GPT_PROFILE---profile=/tmp/profile_gpt2} \
+    $(compare "$GPT_ROWS") 2>&1 | tee "$OUT/gpt2.md"
 if [ -f third_party/nanoGPT/bench.py ]; then
   (cd third_party/nanoGPT && timeout "${NANO_S:-120}" $PY bench.py --real_data=False) 2>&1 \
       | grep -v "^[0-9]*/[0-9]* loss" | tee "$OUT/nanogpt.txt"
 fi
 # shellcheck disable=SC2046
 timeout "${BERT_S:-300}" $PY -m experiments.bench_throughput --preset bert-base --batch 32 --seq 512 \
-    --set vocab_pad_multiple=128 ${BERT_BREAKDOWN---breakdown} $(compare "$BERT_ROWS") 2>&1 | tee "$OUT/bert.md"
+    --set vocab_pad_multiple=128 ${BERT_BREAKDOWN---breakdown} ${BERT_PROFILE---profile=/tmp/profile_bert} \
+    $(compare "$BERT_ROWS") 2>&1 | tee "$OUT/bert.md"
 timeout "${HF_S:-90}" $PY -m experiments.bench_hf_bert --batch 32 --seq 512 2>&1 | tail -3 | tee "$OUT/hf_bert.txt"

@@ -28,7 +28,8 @@ from transformer_jax.training import (Checkpointer, DivergenceMonitor, GracefulS
                                       make_eval_step, make_optimizer, make_schedule,
                                       make_train_step, mean_metrics, measure_matmul_peak,
                                       mlm_loss, model_flops_per_token, nsp_loss,
-                                      restore_checkpoint, seq2seq_loss, throughput, train_step)
+                                      restore_checkpoint, seq2seq_loss, throughput, token_stats,
+                                      train_step)
 
 V, L, D, FF = 64, 16, 32, 64
 GPT = get_config("gpt-tiny", vocab_size=V, num_layers=1, d_model=D, num_heads=2, d_ff=FF, max_len=32)
@@ -146,6 +147,35 @@ def test_losses_match_numpy(dtype):
     np.testing.assert_allclose(nsp_loss(jnp.asarray(nsp_logits), nsp_labels)["loss"], loss, **tol)
     # No weight at all gives 0, not NaN.
     assert float(lm_loss(logits, labels, np.zeros_like(weights))["loss"]) == 0.0
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_token_stats_gradient_matches_numpy(eps, num_classes):
+    """The hand-written backward of the fused cross-entropy against the float64
+    closed form d/dx = w * (softmax(x) - q) (Szegedy et al.'s smoothed target q),
+    with padded vocabulary columns (num_classes < vocab) getting no gradient."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 3, (2, 5, 13)).astype(np.float32)
+    y = rng.integers(0, num_classes or 13, (2, 5))
+    w1, w2 = rng.random((2, 5)), rng.random((2, 5))
+
+    def f(logits):
+        s = token_stats(logits, y, num_classes, eps)
+        return (s["loss"] * w1).sum() + (s["nll"] * w2).sum() + s["correct"].sum()
+    grad = jax.jit(jax.grad(f))(jnp.asarray(x))
+    v = num_classes or 13
+    z = x[..., :v].astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.eye(v)[y]
+    expected = np.zeros(x.shape)
+    expected[..., :v] = w1[..., None] * (p - (1 - eps) * onehot - eps / v) + w2[..., None] * (p - onehot)
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
+    stats = token_stats(jnp.asarray(x), y, num_classes, eps)
+    np.testing.assert_allclose(stats["nll"], -np.log(np.take_along_axis(p, y[..., None], -1)[..., 0]),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(stats["correct"], z.argmax(-1) == y)
 
 
 def test_label_smoothing_is_validated():

@@ -25,8 +25,9 @@ class GPT(nn.Module):
     never attended. `decode=True` appends to the key/value cache instead of
     attending only within `input_ids` (prefill with many tokens, then step with one).
     targets `[..., seq]` (optional): instead of logits, return the per-token
-    {"nll", "correct"} `[..., seq]` (fp32) of predicting them, computed
-    `config.loss_chunk` tokens at a time when that is set (the training path).
+    {"nll", "loss", "correct"} `[..., seq]` (fp32, `cross_entropy.token_stats`) of
+    predicting them, computed `config.loss_chunk` tokens at a time when that is set
+    (the training path).
     """
     config: GPTConfig
 

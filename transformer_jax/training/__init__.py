@@ -13,8 +13,9 @@ from transformer_jax.training.checkpoint import (Checkpointer, load_metadata, re
                                                  state_spec)
 from transformer_jax.training.config_io import config_diff, config_from_dict, config_to_dict
 from transformer_jax.training.divergence import DivergenceMonitor, DivergenceStatus, is_diverged
+from transformer_jax.cross_entropy import token_cross_entropy, token_stats
 from transformer_jax.training.losses import (lm_loss, mlm_loss, nsp_loss, seq2seq_loss,
-                                             token_cross_entropy, weighted_mean)
+                                             weighted_mean)
 from transformer_jax.training.metrics import (count_params, global_norm, group_name, grouped_norms,
                                               measure_matmul_peak, model_flops_per_token,
                                               throughput)
@@ -35,6 +36,6 @@ __all__ = [
     "grouped_norms", "init_params", "is_diverged", "learning_rate_fn", "lm_loss", "load_metadata",
     "make_eval_step", "make_optimizer", "make_schedule", "make_train_step", "mean_metrics",
     "measure_matmul_peak", "mlm_loss", "model_flops_per_token", "nsp_loss", "restore_checkpoint",
-    "seq2seq_loss", "state_spec", "task_for_config", "throughput", "token_cross_entropy",
+    "seq2seq_loss", "state_spec", "task_for_config", "throughput", "token_cross_entropy", "token_stats",
     "train_step", "weighted_mean",
 ]

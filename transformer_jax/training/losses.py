@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from transformer_jax.cross_entropy import token_cross_entropy
+from transformer_jax.cross_entropy import token_stats
 
 
 def weighted_mean(values, weights):
@@ -21,12 +21,8 @@ def weighted_mean(values, weights):
 
 
 def _token_loss(logits, labels, weights, label_smoothing: float = 0.0) -> dict:
-    loss, nll = token_cross_entropy(logits, labels, label_smoothing)
-    mean_loss, weight = weighted_mean(loss, weights)
-    mean_nll, _ = weighted_mean(nll, weights)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    accuracy, _ = weighted_mean(correct, weights)
-    return {"loss": mean_loss, "nll": mean_nll, "accuracy": accuracy, "weight": weight}
+    return loss_from_token_stats(token_stats(logits, labels, label_smoothing=label_smoothing),
+                                 weights)
 
 
 def mlm_loss(mlm_logits, mlm_ids, mlm_weights) -> dict:
@@ -42,11 +38,14 @@ def nsp_loss(nsp_logits, nsp_labels) -> dict:
 
 
 def loss_from_token_stats(stats, weights) -> dict:
-    """The same dict as `lm_loss`, from per-token {"nll", "correct"} `[B, L]` (as GPT
-    returns when given targets, maybe computed in chunks) and weights `[B, L]`."""
+    """{"loss", "nll", "accuracy", "weight"} from per-token {"nll", "correct", ["loss"]}
+    `[B, L]` (`cross_entropy.token_stats`, or GPT given targets, maybe computed in
+    chunks) and weights `[B, L]`; "loss" is the nll unless the stats carry a
+    label-smoothed one."""
     mean_nll, weight = weighted_mean(stats["nll"], weights)
+    mean_loss = weighted_mean(stats["loss"], weights)[0] if "loss" in stats else mean_nll
     accuracy, _ = weighted_mean(stats["correct"], weights)
-    return {"loss": mean_nll, "nll": mean_nll, "accuracy": accuracy, "weight": weight}
+    return {"loss": mean_loss, "nll": mean_nll, "accuracy": accuracy, "weight": weight}
 
 
 def lm_loss(logits, targets, loss_mask) -> dict:

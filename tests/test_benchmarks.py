@@ -1,0 +1,51 @@
+"""The throughput benchmark and its profiler summary, on CPU at tiny size."""
+from __future__ import annotations
+
+import re
+
+from experiments import bench_throughput, trace_summary
+
+HLO = """\
+HloModule jit_train_step
+
+%fused_computation.7 (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %tanh.1 = f32[4]{0} tanh(%param_0), metadata={op_name="jit(train_step)/transpose(jvp(GPT))/decoder/layer_3/layer_3.residual/mlp/tanh"}
+}
+
+ENTRY %main.9 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %copy.2 = f32[4]{0} copy(%state_opt_state_1__0__mu__decoder____layer_0____kernel__.1)
+  %dot.3 = f32[4]{0} dot(%p, %p), metadata={op_name="jit(train_step)/jvp(GPT)/decoder/layer_11/layer_11.residual/mlp/up/dot_general"}
+  ROOT %loop_tanh_fusion = f32[4]{0} fusion(%dot.3), kind=kLoop, calls=%fused_computation.7
+}
+"""
+
+
+def test_instruction_scopes_and_phases():
+    scopes = trace_summary.instruction_scopes(HLO)
+    # A fusion without metadata takes its fused computation's root's.
+    assert trace_summary.classify(scopes["loop_tanh_fusion"]) == ("backward", "decoder/layer_*/residual/mlp/tanh")
+    assert trace_summary.classify(scopes["dot.3"]) == ("forward", "decoder/layer_*/residual/mlp/up/dot_general")
+    assert trace_summary.classify(scopes["copy.2"]) == ("xla-inserted", "copy(state_opt_state_1__0__mu__decoder")
+    assert trace_summary.classify("jit(train_step)/jit(_where)/select_n") == ("update+metrics", "jit(_where)/select_n")
+    table = trace_summary.summarize({"dot.3": 3000.0, "loop_tanh_fusion": 1000.0}, {"dot.3": 2, "loop_tanh_fusion": 2},
+                                    scopes, calls=2, step_ms=4.0)
+    assert "device time per step 2.00 ms of 4.00 ms wall (50% busy)" in table
+    assert "| forward | 1.50 | 75.0% |" in table
+
+
+def test_bench_rows_start_equal_and_profile(tmp_path, capsys):
+    """Every row starts from the same weights and batch, so the baseline and the
+    `plain` row (every speed switch off) end at the same loss; the profile of the
+    real step attributes kernel time to forward, backward and the update."""
+    bench_throughput.main(["--preset", "gpt-tiny", "--batch", "2", "--seq", "16", "--steps", "2",
+                           "--matmul-size", "256", "--compare", "plain", "--profile", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = {m.group(1): float(m.group(2)) for m in
+            re.finditer(r"^\| (baseline|plain) \|.*\| ([0-9.]+) \|$", out, re.M)}
+    assert set(rows) == {"baseline", "plain"}, out
+    assert abs(rows["baseline"] - rows["plain"]) < 1e-4, rows
+    phases = dict(re.findall(r"^\| (forward|backward|update\+metrics) \| ([0-9.]+) \|", out, re.M))
+    assert set(phases) == {"forward", "backward", "update+metrics"}, out
+    assert all(float(v) > 0 for v in phases.values())
