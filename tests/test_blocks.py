@@ -93,3 +93,26 @@ def test_cross_attention_memory_width_error():
     params = block.init(jax.random.PRNGKey(0), x, x)
     with pytest.raises(ValueError, match=r"memory has width 8.*d_model=16"):
         block.apply(params, x, _x(3, (2, 4, 8)))
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_embed_lookup_and_gradient_against_numpy(one_hot):
+    """`Embed` returns the table's rows (cast to the compute dtype) exactly, and its
+    gradient is the float64 scatter-add of the upstream gradient onto the looked-up
+    rows, summed in float32 even with bfloat16 compute."""
+    import jax.numpy as jnp
+    from transformer_jax.embeddings import Embed
+    ids = np.random.default_rng(0).integers(0, 3, (4, 50))   # few rows: heavy collisions
+    module = Embed(3, 8, one_hot=one_hot, dtype=jnp.bfloat16)
+    params = module.init(jax.random.PRNGKey(1), ids)
+    table = np.asarray(params["params"]["embedding"])
+    out = module.apply(params, ids)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, table.astype(jnp.bfloat16)[ids])
+    upstream = np.random.default_rng(2).normal(size=(4, 50, 8)).astype(np.float32)
+    grad = jax.grad(lambda p: (module.apply(p, ids).astype(jnp.float32) * upstream).sum())(params)
+    expected = np.zeros((3, 8))
+    np.add.at(expected, ids, upstream.astype(jnp.bfloat16).astype(np.float64))
+    np.testing.assert_allclose(grad["params"]["embedding"], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="embedding ids must be integers"):
+        module.apply(params, ids.astype(np.float32))

@@ -6,6 +6,7 @@ embedding is the token embedding alone.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from transformer_jax import partitioning as logical, positional
@@ -13,11 +14,42 @@ from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import make_norm
 
 
+class Embed(nn.Embed):
+    """`nn.Embed` (same parameter, same `attend`) with a lookup that suits the backward pass.
+
+    Rows are gathered from the float32 master table and then cast to the compute
+    dtype, where `nn.Embed` casts the whole table first: the values are the same,
+    but the gradient, a scatter-add of one row per token, then sums a frequent
+    token's many contributions in float32 instead of bfloat16.
+
+    `one_hot=True` contracts a one-hot matrix with the table instead (Flaxformer's
+    `Embed` has the same switch). For a tiny table, such as BERT's two segment
+    rows, a gather's backward scatters every token's gradient onto the same few
+    rows, which on a GPU serialises on atomic adds; the one-hot form's backward
+    is a matmul. The lookup is exact either way (1 x row + 0 x the others).
+    """
+    one_hot: bool = False
+
+    def __call__(self, inputs):
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"embedding ids must be integers, got dtype {inputs.dtype}")
+        dtype = self.dtype or self.embedding.dtype
+        if self.one_hot:
+            # In the table's float32, like the gather below, so that the backward matmul
+            # sums in float32 too; HIGHEST, as a float32 matmul may otherwise run in
+            # TF32 (GPU) or bf16 passes (TPU). Its cost is tokens x rows x d: small.
+            table = self.embedding
+            rows = jnp.matmul(jax.nn.one_hot(inputs, self.num_embeddings, dtype=table.dtype), table,
+                              precision=jax.lax.Precision.HIGHEST)
+            return rows.astype(dtype)
+        return jnp.take(self.embedding, inputs, axis=0).astype(dtype)
+
+
 class Embeddings(nn.Module):
     """token ids `[..., seq]` -> `[..., seq, d_model]`.
 
-    The token table is exposed as `self.token` (an `nn.Embed`) so that models can
-    tie the output projection to it with `token.attend` (Press & Wolf 2017,
+    The token table is exposed as `self.token` (an `nn.Embed`, see `Embed`) so that
+    models can tie the output projection to it with `token.attend` (Press & Wolf 2017,
     arXiv 1608.05859).
     """
     config: TransformerConfig
@@ -28,17 +60,17 @@ class Embeddings(nn.Module):
         cfg = self.config
         normal = nn.initializers.normal(cfg.init_std)
         init = lambda names: logical.param_init(normal, names, cfg.logical_partitioning)
-        self.token = nn.Embed(cfg.padded_vocab_size, cfg.d_model,
+        self.token = Embed(cfg.padded_vocab_size, cfg.d_model,
                               embedding_init=init((logical.VOCAB, logical.EMBED)),
                               dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if cfg.position == "learned":
             pos_dim = cfg.d_model
-            self.position = nn.Embed(cfg.max_len, pos_dim, embedding_init=init((None, logical.EMBED)),
+            self.position = Embed(cfg.max_len, pos_dim, embedding_init=init((None, logical.EMBED)),
                                      dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if self.type_vocab_size:
-            self.token_type = nn.Embed(self.type_vocab_size, cfg.d_model,
-                                       embedding_init=init((None, logical.EMBED)),
-                                       dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+            self.token_type = Embed(self.type_vocab_size, cfg.d_model, one_hot=True,
+                                    embedding_init=init((None, logical.EMBED)),
+                                    dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if cfg.embed_combine == "concat":
             # [token ; position] (2 d_model) -> d_model.
             self.combine = nn.Dense(
