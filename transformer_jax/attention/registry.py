@@ -142,10 +142,29 @@ def flash_attention(q, k, v, *, mask=None, bias=None, causal=False, implementati
     if causal or bias is not None or not (masks_lib.is_key_only(mask) and mask.shape[-3] == 1):
         return call(k4, v4, mask4=four_d(mask), bias4=bias4)  # positions matter: no reordering
     keys = _flatten_batch(jnp.broadcast_to(mask, (*batch_shape, 1, 1, kv_len)), lead)[:, 0, 0]
-    order = jnp.argsort(~keys, axis=-1, stable=True)[:, :, None, None]   # valid keys first
-    k4, v4 = (jnp.take_along_axis(x, order, axis=1) for x in (k4, v4))
+    order = jnp.argsort(~keys, axis=-1, stable=True)   # valid keys first
+    k4, v4 = (_permute_rows(x, order) for x in (k4, v4))
     lengths = jnp.maximum(keys.sum(-1, dtype=jnp.int32), 1)
     return call(k4, v4, lengths=lengths)
+
+
+@jax.custom_vjp
+def _permute_rows(x, order):
+    """x `[B, S, ...]` reordered along S by a permutation `order [B, S]`. Its gradient is
+    the inverse permutation, again a gather: autodiff of a gather would scatter-add,
+    which on a GPU accumulates with atomics, as it cannot know the rows are distinct."""
+    return jnp.take_along_axis(x, order.reshape(*order.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
+def _permute_rows_fwd(x, order):
+    return _permute_rows(x, order), order
+
+
+def _permute_rows_bwd(order, g):
+    return _permute_rows(g, jnp.argsort(order, axis=-1)), None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def cudnn_applies(q, k, *, mask, bias, causal, dropout_rate, deterministic) -> bool:
