@@ -276,9 +276,13 @@ def main(argv=None) -> None:
               + f", full step {results[0]['step_ms']:.2f} ms", flush=True)
     if args.profile and results[0]:
         compiled, state, batch = results[0].pop("run")
-        print("baseline profile (5 steps, jax.profiler):\n"
-              + trace_summary.profile(compiled, (state, batch), 5, args.profile, donated=base_donate,
-                                      step_ms=results[0]["step_ms"]), flush=True)
+        try:
+            print("baseline profile (5 steps, jax.profiler):\n"
+                  + trace_summary.profile(compiled, (state, batch), 5, args.profile,
+                                          donated=base_donate, step_ms=results[0]["step_ms"]),
+                  flush=True)
+        except Exception as e:  # a profiler problem must not lose the table below
+            print(f"profile: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
     print(f"\n{dtype} {size}^3 matmul ceiling (best seen in this process): {ceiling:.2f} TFLOP/s")
     print(f"| variant | step ms | tokens/s | model TFLOP/s | of ceiling | vs baseline | compile s "
           f"| program GB | loss after {results[0]['steps'] if results[0] else '?'} steps |")

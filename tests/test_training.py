@@ -21,7 +21,7 @@ import pytest
 from flax import traverse_util
 
 from transformer_jax.models import PRESETS, get_config
-from transformer_jax.training import (Checkpointer, DivergenceMonitor, GracefulShutdown,
+from transformer_jax.training import (Checkpointer, DivergenceMonitor, GracefulShutdown, apply_grads,
                                       abstract_train_state, config_from_dict, config_to_dict,
                                       create_train_state, decay_mask, get_task, init_params,
                                       learning_rate_fn, lm_loss, load_metadata,
@@ -216,6 +216,45 @@ def test_adamw_decays_only_masked_params():
     np.testing.assert_array_equal(new["final_norm"]["scale"], 2.0)
 
 
+def test_optimizer_is_optax_adamw_and_a_skipped_step_leaves_no_trace():
+    """make_optimizer is optax's clip + AdamW (masked decay, warm-up schedule) bit for
+    bit on finite gradients, with the same state tree (checkpoints stay loadable).
+    Through the real apply_grads, a non-finite gradient between two good ones
+    leaves params, moments and both step counts exactly as if it never came."""
+    schedule = make_schedule("linear", 1e-2, 2, 10)
+    ours = make_optimizer(schedule, clip_norm=1.0)
+    reference = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                                        mask=decay_mask))
+    state = create_train_state(GPT, ours, jax.random.PRNGKey(0))
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(reference.init(state.params))
+    rng = np.random.default_rng(3)
+    g1, g2 = (jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), state.params)
+              for _ in range(2))
+    bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g2)
+    @jax.jit   # jitted like apply_grads, so that both round alike
+    def reference_step(params, opt, g):
+        updates, opt = reference.update(g, opt, params)
+        return optax.apply_updates(params, updates), opt
+    params, opt = state.params, reference.init(state.params)
+    for g in (g1, g2):
+        params, opt = reference_step(params, opt, g)
+    step = jax.jit(apply_grads)
+    skipped, metrics = step(state, g1)
+    skipped, metrics = step(skipped, bad)
+    assert float(metrics["finite"]) == 0.0
+    skipped, _ = step(skipped, g2)
+    clean, _ = step(step(state, g1)[0], g2)
+    for got in (skipped, clean):
+        assert int(got.step) == 2
+        jax.tree.map(np.testing.assert_array_equal, host(got.params), host(params))
+        jax.tree.map(np.testing.assert_array_equal, host(got.opt_state), host(opt))
+    # Used alone, the optimizer keeps its state on a non-finite gradient and says so with NaN.
+    updates, kept = ours.update(bad, opt, params)
+    jax.tree.map(np.testing.assert_array_equal, host(kept), host(opt))
+    assert all(np.isnan(u).all() for u in jax.tree.leaves(updates))
+
+
 def test_optimizer_rejects_bad_values():
     with pytest.raises(ValueError, match="accumulation_steps"):
         make_optimizer(1e-3, accumulation_steps=0)
@@ -331,6 +370,7 @@ def test_divergent_run_is_detected_and_state_kept():
     after = host(state)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
     jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+    jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
     assert int(after.step) == int(before.step)
     # The process carries on; the kept state can be saved or trained with a sane setting.
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from transformer_jax.training.metrics import global_norm, grouped_norms
+from transformer_jax.training.optim import SkipsNonFinite
 from transformer_jax.training.state import TrainState
 from transformer_jax.training.tasks import Task, get_task
 
@@ -74,12 +75,20 @@ def apply_grads(state: TrainState, grads, loss=None, *, detailed: bool = False
     finite = jnp.isfinite(grad_norm)
     if loss is not None:
         finite &= jnp.isfinite(loss)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
     # A select per leaf, not lax.cond: on GPU a conditional reads its predicate on
     # the host, a sync in the middle of every step (under vmap a cond is a select anyway).
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(finite, a, b))
+    if isinstance(state.tx, SkipsNonFinite):
+        # The optimizer keeps its own state on a skipped step (a second select over
+        # the moments would make XLA copy them: see SkipsNonFinite).
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params, finite=finite)
+        new = state.replace(step=jnp.where(finite, state.step + 1, state.step),
+                            params=keep(optax.apply_updates(state.params, updates), state.params),
+                            opt_state=opt_state)
+    else:
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        new = keep(state.replace(step=state.step + 1, opt_state=opt_state,
+                                 params=optax.apply_updates(state.params, updates)), state)
     metrics = {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     if state.lr_fn is not None:
         metrics["lr"] = jnp.asarray(state.lr_fn(state.step), jnp.float32)
