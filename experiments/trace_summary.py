@@ -71,7 +71,7 @@ def classify(op_name: str | None) -> tuple[str, str]:
         return "xla-inserted", _LAYER.sub("layer_*", op_name.split("____")[0])
     phase = ("backward" if "transpose(" in op_name else
              "forward" if "jvp(" in op_name else "update+metrics")
-    parts = [p for p in op_name.split("/") if not p.startswith(("jit(train_step)", "jvp(", "transpose("))]
+    parts = [p for p in op_name.split("/")[1:] if not p.startswith(("jvp(", "transpose("))]
     scope = "/".join(_LAYER.sub("layer_*", p) for p in parts)
     scope = re.sub(r"(layer_\*)/\1\.", r"\1/", scope)   # "layer_*/layer_*.residual" -> "layer_*/residual"
     return phase, scope
@@ -79,25 +79,34 @@ def classify(op_name: str | None) -> tuple[str, str]:
 
 def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
     """({hlo_op: total µs}, {hlo_op: count}) from the newest perfetto trace under
-    `trace_dir`; device streams only when the trace has any (GPU/TPU), else the
-    CPU thunks."""
+    `trace_dir`: on a GPU/TPU the kernels on the device's stream lines (not the
+    derived "XLA Ops" / "XLA Modules" lines, which would count them twice), on a
+    CPU the thunks that name an HLO op."""
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir!r}")
     with gzip.open(max(paths, key=os.path.getmtime)) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    meta = [e for e in events if e.get("ph") == "M"]
+    devices = {e["pid"] for e in meta if e.get("name") == "process_name"
                and "/device:" in str(e.get("args", {}).get("name", ""))}
+    lines = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", "")) for e in meta
+             if e.get("name") == "thread_name" and e["pid"] in devices}
+    streams = {k for k, name in lines.items() if "stream" in name.lower()}
+    keep = streams or {k for k, name in lines.items() if not name.startswith("XLA ")}
     total, count = collections.defaultdict(float), collections.defaultdict(int)
     for e in events:
-        # A device kernel without an HLO op name (some profiler versions) is kept
-        # under its kernel name; host events need one.
-        op = (e.get("args") or {}).get("hlo_op") or (e.get("pid") in devices and e.get("name"))
-        if e.get("ph") != "X" or not op or (devices and e.get("pid") not in devices):
+        if e.get("ph") != "X":
             continue
-        total[op] += float(e.get("dur", 0.0))
-        count[op] += 1
+        op = (e.get("args") or {}).get("hlo_op")
+        if devices:
+            if (e.get("pid"), e.get("tid")) not in keep:
+                continue
+            op = op or e.get("name")   # a kernel without an HLO op name: its own name
+        if op:
+            total[op] += float(e.get("dur", 0.0))
+            count[op] += 1
     return dict(total), dict(count)
 
 

@@ -49,3 +49,27 @@ def test_bench_rows_start_equal_and_profile(tmp_path, capsys):
     phases = dict(re.findall(r"^\| (forward|backward|update\+metrics) \| ([0-9.]+) \|", out, re.M))
     assert set(phases) == {"forward", "backward", "update+metrics"}, out
     assert all(float(v) > 0 for v in phases.values())
+
+
+def test_kernel_times_reads_device_streams_once(tmp_path):
+    """A GPU trace lists each kernel on its stream line and again on derived lines
+    ("XLA Ops", "XLA Modules"); only the stream line counts. Host events are ignored."""
+    import gzip
+    import json
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+            {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Modules"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}}]
+    kernel = lambda tid, op, dur: {"ph": "X", "pid": 1, "tid": tid, "name": f"k_{op}", "dur": dur,
+                                   "args": {"hlo_op": op}}
+    events = meta + [kernel(7, "dot.3", 30.0), kernel(7, "dot.3", 10.0), kernel(8, "dot.3", 40.0),
+                     {"ph": "X", "pid": 1, "tid": 9, "name": "jit_train_step", "dur": 99.0},
+                     {"ph": "X", "pid": 1, "tid": 7, "name": "memcpy", "dur": 5.0},
+                     {"ph": "X", "pid": 2, "tid": 3, "name": "host", "dur": 50.0, "args": {"hlo_op": "dot.3"}}]
+    run = tmp_path / "plugins" / "profile" / "run"
+    run.mkdir(parents=True)
+    with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    times, counts = trace_summary.kernel_times(str(tmp_path))
+    assert times == {"dot.3": 40.0, "memcpy": 5.0} and counts == {"dot.3": 2, "memcpy": 1}

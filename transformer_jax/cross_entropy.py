@@ -77,7 +77,8 @@ def _forward(logits, labels, num_classes: int, eps: float):
     nll = lse - x_y
     loss = nll
     if eps:
-        mean_x = jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0), axis=-1) / num_classes
+        real = jnp.where(_valid_columns(x.shape, num_classes), x, 0.0)
+        mean_x = jnp.sum(real, axis=-1) / num_classes
         loss = lse - (1.0 - eps) * x_y - eps * mean_x
     correct = (x_y >= top).astype(jnp.float32)
     return (nll, loss, correct), lse

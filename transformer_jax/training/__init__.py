@@ -19,7 +19,8 @@ from transformer_jax.training.losses import (lm_loss, mlm_loss, nsp_loss, seq2se
 from transformer_jax.training.metrics import (count_params, global_norm, group_name, grouped_norms,
                                               measure_matmul_peak, model_flops_per_token,
                                               throughput)
-from transformer_jax.training.optim import decay_mask, learning_rate_fn, make_optimizer
+from transformer_jax.training.optim import (SkipsNonFinite, decay_mask, learning_rate_fn,
+                                             make_optimizer)
 from transformer_jax.training.schedules import SCHEDULES, make_schedule
 from transformer_jax.training.signals import GracefulShutdown
 from transformer_jax.training.state import (TrainState, abstract_train_state, create_train_state,
@@ -30,12 +31,13 @@ from transformer_jax.training.tasks import TASKS, Task, get_task, task_for_confi
 
 __all__ = [
     "SCHEDULES", "TASKS", "Checkpointer", "DivergenceMonitor", "DivergenceStatus",
-    "GracefulShutdown", "Task", "TrainState", "abstract_train_state", "apply_grads",
-    "compute_grads", "config_diff", "config_from_dict", "config_to_dict", "count_params",
-    "create_train_state", "decay_mask", "eval_step", "get_task", "global_norm", "group_name",
-    "grouped_norms", "init_params", "is_diverged", "learning_rate_fn", "lm_loss", "load_metadata",
-    "make_eval_step", "make_optimizer", "make_schedule", "make_train_step", "mean_metrics",
-    "measure_matmul_peak", "mlm_loss", "model_flops_per_token", "nsp_loss", "restore_checkpoint",
-    "seq2seq_loss", "state_spec", "task_for_config", "throughput", "token_cross_entropy", "token_stats",
-    "train_step", "weighted_mean",
+    "GracefulShutdown", "SkipsNonFinite", "Task", "TrainState", "abstract_train_state",
+    "apply_grads", "compute_grads", "config_diff", "config_from_dict", "config_to_dict",
+    "count_params", "create_train_state", "decay_mask", "eval_step", "get_task",
+    "global_norm", "group_name", "grouped_norms", "init_params", "is_diverged",
+    "learning_rate_fn", "lm_loss", "load_metadata", "make_eval_step", "make_optimizer",
+    "make_schedule", "make_train_step", "mean_metrics", "measure_matmul_peak", "mlm_loss",
+    "model_flops_per_token", "nsp_loss", "restore_checkpoint", "seq2seq_loss", "state_spec",
+    "task_for_config", "throughput", "token_cross_entropy", "token_stats", "train_step",
+    "weighted_mean",
 ]
