@@ -14,7 +14,9 @@ field, plus `attention=KIND` and `donate=false`) or `--compare plain` (every
 switch off) adds a variant row measured in the same run, so every ratio is
 taken side by side. `--profile [DIR]` traces five baseline steps and prints the
 device time per step by phase (forward, backward, update) and by module
-(`experiments/trace_summary.py`).
+(`experiments/trace_summary.py`). `--cost-only` compiles the rows without
+running them and prints XLA's FLOPs and bytes accessed, a proxy for memory
+traffic that needs no accelerator.
 
 FLOPs per token follow nanoGPT: 6 N + 12 L d T with N excluding position
 embeddings (Kaplan et al. 2020, arXiv 2001.08361). For BERT the MLM head runs only
@@ -135,6 +137,20 @@ def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bo
             **({"run": (compiled, state, batch)} if keep else {})}
 
 
+def cost(config, task: str, batch_size: int, seq: int, donate: bool = True) -> dict:
+    """XLA's cost analysis of the compiled train step, without running it (abstract
+    state): FLOPs and bytes accessed as this backend's compiler counts them."""
+    tx = make_optimizer(1e-4)
+    state = jax.eval_shape(lambda: create_train_state(config, tx, jax.random.PRNGKey(0), task=task))
+    compiled = make_train_step(get_task(task), donate=donate).lower(
+        state, random_batch(task, config, batch_size, seq)).compile()
+    analysis = compiled.cost_analysis()
+    analysis = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis) or {}
+    return {"tflop": analysis.get("flops", float("nan")) / 1e12,
+            "gb_accessed": analysis.get("bytes accessed", float("nan")) / 1e9,
+            "program_gb": (program_bytes(compiled) or float("nan")) / 1e9}
+
+
 def _median_ms(compiled, args, steps: int, donated: bool = False) -> float:
     """Median wall ms of `compiled(*args)`; a donated first argument is threaded through."""
     out = compiled(*args)
@@ -219,6 +235,15 @@ def _apply(config, fields: dict):
     return config.replace(**fields), donate
 
 
+def rows_of(base, base_donate: bool, args) -> list[tuple]:
+    """[(name, config, donate)]: the baseline, then one row per --compare."""
+    rows = [("baseline" + (f" ({','.join(args.set)})" if args.set else ""), base, base_donate)]
+    for item in args.compare:
+        config, donate = _apply(base, {**({"donate": base_donate}), **_parse_fields(item)})
+        rows.append((item, config, donate))
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="gpt2-small")
@@ -232,6 +257,9 @@ def main(argv=None) -> None:
                    help="also time the baseline's forward and forward+backward alone")
     p.add_argument("--profile", nargs="?", const="runs/profile", default=None, metavar="DIR",
                    help="also trace 5 baseline steps into DIR and print device time by phase and module")
+    p.add_argument("--cost-only", action="store_true",
+                   help="compile each row without running it and print XLA's FLOPs and bytes "
+                        "accessed (e.g. the GPU shapes with --dtype bfloat16 on a CPU)")
     p.add_argument("--set", action="append", default=[], help="baseline fields, e.g. vocab_pad_multiple=128")
     p.add_argument("--compare", action="append", default=[],
                    help="a variant row: field=value[,field=value] (attention=xla, donate=false, ...) or 'plain'")
@@ -245,15 +273,20 @@ def main(argv=None) -> None:
         base_fields.update(_parse_fields(item))
     base, base_donate = _apply(base, base_fields)
     task = task_for_config(base)
+    if args.cost_only:
+        print(f"{args.preset} batch {args.batch}x{args.seq}, {dtype}, compiled for {jax.default_backend()}")
+        print("| variant | TFLOP/step | GB accessed | program GB |\n|---|---|---|---|")
+        for name, config, donate in rows_of(base, base_donate, args):
+            c = cost(config, task, args.batch, args.seq, donate)
+            print(f"| {name} | {c['tflop']:.2f} | {c['gb_accessed']:.1f} | {c['program_gb']:.2f} |",
+                  flush=True)
+        return
     size = args.matmul_size or (2048 if cpu else 8192)
     repeats = 5 if cpu else 20
     ceiling = measure_matmul_peak(dtype, size, repeats) / 1e12
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"flax {flax.__version__}; {args.preset} batch {args.batch}x{args.seq}, {dtype}", flush=True)
-    rows = [("baseline" + (f" ({','.join(args.set)})" if args.set else ""), base, base_donate)]
-    for item in args.compare:
-        config, donate = _apply(base, {**({"donate": base_donate}), **_parse_fields(item)})
-        rows.append((item, config, donate))
+    rows = rows_of(base, base_donate, args)
     results = []
     for name, config, donate in rows:
         try:

@@ -73,3 +73,12 @@ def test_kernel_times_reads_device_streams_once(tmp_path):
         json.dump({"traceEvents": events}, f)
     times, counts = trace_summary.kernel_times(str(tmp_path))
     assert times == {"dot.3": 40.0, "memcpy": 5.0} and counts == {"dot.3": 2, "memcpy": 1}
+
+
+def test_cost_only_compiles_rows_without_running(capsys):
+    bench_throughput.main(["--preset", "gpt-tiny", "--batch", "2", "--seq", "16", "--cost-only",
+                           "--dtype", "bfloat16", "--compare", "loss_chunk=8"])
+    rows = re.findall(r"^\| (baseline|loss_chunk=8) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$",
+                      capsys.readouterr().out, re.M)
+    assert [r[0] for r in rows] == ["baseline", "loss_chunk=8"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
