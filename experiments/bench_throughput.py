@@ -10,9 +10,10 @@ the fraction of a square matmul's FLOP/s measured here (fp32 on CPU, the compute
 dtype elsewhere), compile time, the compiled step's memory and the loss after the
 timed steps (every row starts from the same seed and batch, so losses compare).
 `--set field=value` changes the baseline; `--compare field=value` (any config
-field, plus `attention=KIND` and `donate=false`) or `--compare plain` (every
-switch off) adds a variant row measured in the same run, so every ratio is
-taken side by side. `--profile [DIR]` traces five baseline steps and prints the
+field, plus `attention=KIND`, `donate=false` and XLA compiler options such as
+`xla_gpu_enable_triton_gemm=false`, applied to that row's compilation only) or
+`--compare plain` (every switch off) adds a variant row measured in the same
+run, so every ratio is taken side by side. `--profile [DIR]` traces five baseline steps and prints the
 device time per step by phase (forward, backward, update) and by module
 (`experiments/trace_summary.py`). `--cost-only` compiles the rows without
 running them and prints XLA's FLOPs and bytes accessed, a proxy for memory
@@ -102,23 +103,24 @@ def same_start(config, task: str):
     return stack_layers(params, config.num_layers) if config.scan_layers else params
 
 
-def prepare(config, task: str, batch_size: int, seq: int, donate: bool = True):
-    """(compiled train step, its state, batch, compile seconds) from the same start."""
+def prepare(config, task: str, batch_size: int, seq: int, donate: bool = True, options=None):
+    """(compiled train step, its state, batch, compile seconds) from the same start;
+    `options`: XLA compiler options for this compilation only."""
     tx = make_optimizer(1e-4)
     state = create_train_state(config, tx, jax.random.PRNGKey(0), task=task,
                                params=same_start(config, task))
     batch = jax.device_put(random_batch(task, config, batch_size, seq))
     step = make_train_step(get_task(task), donate=donate)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch).compile(compiler_options=options or None)
     return compiled, state, batch, time.perf_counter() - t0
 
 
 def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bool = True,
-            keep: bool = False) -> dict:
+            keep: bool = False, options=None) -> dict:
     """Timings of the train step; `keep` adds "run": (compiled step, last state, batch)
     for a profile that should not compile the step again."""
-    compiled, state, batch, compile_s = prepare(config, task, batch_size, seq, donate)
+    compiled, state, batch, compile_s = prepare(config, task, batch_size, seq, donate, options)
     fpt = flops_per_token(config, state.params, task, batch, seq)
     for _ in range(3):
         state, metrics = compiled(state, batch)
@@ -137,13 +139,13 @@ def measure(config, task: str, batch_size: int, seq: int, steps: int, donate: bo
             **({"run": (compiled, state, batch)} if keep else {})}
 
 
-def cost(config, task: str, batch_size: int, seq: int, donate: bool = True) -> dict:
+def cost(config, task: str, batch_size: int, seq: int, donate: bool = True, options=None) -> dict:
     """XLA's cost analysis of the compiled train step, without running it (abstract
     state): FLOPs and bytes accessed as this backend's compiler counts them."""
     tx = make_optimizer(1e-4)
     state = jax.eval_shape(lambda: create_train_state(config, tx, jax.random.PRNGKey(0), task=task))
     compiled = make_train_step(get_task(task), donate=donate).lower(
-        state, random_batch(task, config, batch_size, seq)).compile()
+        state, random_batch(task, config, batch_size, seq)).compile(compiler_options=options or None)
     analysis = compiled.cost_analysis()
     analysis = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis) or {}
     return {"tflop": analysis.get("flops", float("nan")) / 1e12,
@@ -166,7 +168,7 @@ def _median_ms(compiled, args, steps: int, donated: bool = False) -> float:
     return statistics.median(times) * 1e3
 
 
-def breakdown(config, task: str, batch_size: int, seq: int, steps: int) -> dict:
+def breakdown(config, task: str, batch_size: int, seq: int, steps: int, options=None) -> dict:
     """Median ms of the step's parts, each jitted alone: the loss (forward), the loss
     and gradients (forward + backward), the update as the train step does it
     (`apply_grads`: clipping, AdamW, the skip-if-non-finite select and the norm
@@ -180,12 +182,12 @@ def breakdown(config, task: str, batch_size: int, seq: int, steps: int) -> dict:
     for name, fn in {"forward": lambda p, b: compute_loss(model.apply, p, b, rng, t)["loss"],
                      "forward+backward": lambda p, b: compute_grads(model.apply, p, b, rng, t)[2]
                      }.items():
-        out[name] = _median_ms(jax.jit(fn).lower(params, batch).compile(), (params, batch), steps)
+        out[name] = _median_ms(jax.jit(fn).lower(params, batch).compile(options), (params, batch), steps)
     tx = make_optimizer(1e-4)
     grads = jax.tree.map(lambda x: 1e-3 * jax.random.normal(rng, x.shape, x.dtype), params)
     state = create_train_state(config, tx, rng, task=task, params=jax.tree.map(jnp.copy, params))
     update = jax.jit(lambda s, g: apply_grads(s, g), donate_argnums=(0,))
-    out["update (apply_grads)"] = _median_ms(update.lower(state, grads).compile(),
+    out["update (apply_grads)"] = _median_ms(update.lower(state, grads).compile(options),
                                              (state, grads), steps, donated=True)
     adamw = optax.adamw(1e-4)
 
@@ -195,7 +197,7 @@ def breakdown(config, task: str, batch_size: int, seq: int, steps: int) -> dict:
         return (optax.apply_updates(p, updates), opt), None
     pair = (jax.tree.map(jnp.copy, params), adamw.init(params))
     bare_fn = jax.jit(bare, donate_argnums=(0,))
-    out["bare optax.adamw"] = _median_ms(bare_fn.lower(pair, grads).compile(), (pair, grads),
+    out["bare optax.adamw"] = _median_ms(bare_fn.lower(pair, grads).compile(options), (pair, grads),
                                          steps, donated=True)
     return out
 
@@ -225,22 +227,24 @@ def _parse_fields(item: str) -> dict:
 
 
 def _apply(config, fields: dict):
-    """(config with `fields` set, donate flag); "attention" names the kernel kind."""
+    """(config with `fields` set, donate flag, XLA compiler options): "attention" names
+    the kernel kind; fields named xla_* are compiler options for that row's
+    compilation (e.g. xla_gpu_enable_triton_gemm=false), measured in the same process."""
     fields = dict(fields)
     donate = fields.pop("donate", True)
+    options = {k: fields.pop(k) for k in list(fields) if k.startswith("xla_")}
     if "attention" in fields:
         fields["attention"] = {"kind": fields["attention"]}
     if "loss_chunk" in fields and not hasattr(config, "loss_chunk"):
         fields.pop("loss_chunk")   # only GPT computes its loss in chunks
-    return config.replace(**fields), donate
+    return config.replace(**fields), donate, options
 
 
-def rows_of(base, base_donate: bool, args) -> list[tuple]:
-    """[(name, config, donate)]: the baseline, then one row per --compare."""
-    rows = [("baseline" + (f" ({','.join(args.set)})" if args.set else ""), base, base_donate)]
+def rows_of(base, base_fields: dict, args) -> list[tuple]:
+    """[(name, config, donate, compiler options)]: the baseline, then one row per --compare."""
+    rows = [("baseline" + (f" ({','.join(args.set)})" if args.set else ""), *_apply(base, base_fields))]
     for item in args.compare:
-        config, donate = _apply(base, {**({"donate": base_donate}), **_parse_fields(item)})
-        rows.append((item, config, donate))
+        rows.append((item, *_apply(base, {**base_fields, **_parse_fields(item)})))
     return rows
 
 
@@ -266,18 +270,19 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
-    base = get_config(args.preset, dtype=dtype, attention={"kind": args.attention},
-                      dropout=0.0, attention_dropout=0.0)
+    preset = get_config(args.preset, dtype=dtype, attention={"kind": args.attention},
+                        dropout=0.0, attention_dropout=0.0)
     base_fields = {}
     for item in args.set:
         base_fields.update(_parse_fields(item))
-    base, base_donate = _apply(base, base_fields)
+    rows = rows_of(preset, base_fields, args)
+    _, base, base_donate, base_options = rows[0]
     task = task_for_config(base)
     if args.cost_only:
         print(f"{args.preset} batch {args.batch}x{args.seq}, {dtype}, compiled for {jax.default_backend()}")
         print("| variant | TFLOP/step | GB accessed | program GB |\n|---|---|---|---|")
-        for name, config, donate in rows_of(base, base_donate, args):
-            c = cost(config, task, args.batch, args.seq, donate)
+        for name, config, donate, options in rows:
+            c = cost(config, task, args.batch, args.seq, donate, options)
             print(f"| {name} | {c['tflop']:.2f} | {c['gb_accessed']:.1f} | {c['program_gb']:.2f} |",
                   flush=True)
         return
@@ -286,12 +291,11 @@ def main(argv=None) -> None:
     ceiling = measure_matmul_peak(dtype, size, repeats) / 1e12
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"flax {flax.__version__}; {args.preset} batch {args.batch}x{args.seq}, {dtype}", flush=True)
-    rows = rows_of(base, base_donate, args)
     results = []
-    for name, config, donate in rows:
+    for name, config, donate, options in rows:
         try:
             r = measure(config, task, args.batch, args.seq, args.steps, donate,
-                        keep=bool(args.profile) and not results)
+                        keep=bool(args.profile) and not results, options=options)
         except Exception as e:  # one failing variant must not lose the others' numbers
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             results.append(None)
@@ -304,7 +308,7 @@ def main(argv=None) -> None:
               f"{r['model_tflops'] / ceiling:.1%} of {ceiling:.1f} TFLOP/s, compile {r['compile_s']:.1f} s, "
               f"{r['program_gb']:.2f} GB, loss {r['loss']:.5f}", flush=True)
     if args.breakdown and results[0]:
-        parts = breakdown(base, task, args.batch, args.seq, args.steps)
+        parts = breakdown(base, task, args.batch, args.seq, args.steps, base_options)
         print("baseline breakdown: " + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
               + f", full step {results[0]['step_ms']:.2f} ms", flush=True)
     if args.profile and results[0]:
@@ -320,7 +324,7 @@ def main(argv=None) -> None:
     print(f"| variant | step ms | tokens/s | model TFLOP/s | of ceiling | vs baseline | compile s "
           f"| program GB | loss after {results[0]['steps'] if results[0] else '?'} steps |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for (name, _, _), r in zip(rows, results):
+    for (name, *_), r in zip(rows, results):
         if r is None:
             print(f"| {name} | failed | | | | | | | |")
             continue

@@ -76,9 +76,11 @@ def test_kernel_times_reads_device_streams_once(tmp_path):
 
 
 def test_cost_only_compiles_rows_without_running(capsys):
+    """Rows compile without running; an xla_* field is a compiler option of that row."""
     bench_throughput.main(["--preset", "gpt-tiny", "--batch", "2", "--seq", "16", "--cost-only",
-                           "--dtype", "bfloat16", "--compare", "loss_chunk=8"])
-    rows = re.findall(r"^\| (baseline|loss_chunk=8) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$",
+                           "--dtype", "bfloat16", "--compare", "loss_chunk=8",
+                           "--compare", "xla_cpu_enable_fast_math=false"])
+    rows = re.findall(r"^\| (\S+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$",
                       capsys.readouterr().out, re.M)
-    assert [r[0] for r in rows] == ["baseline", "loss_chunk=8"]
+    assert [r[0] for r in rows] == ["baseline", "loss_chunk=8", "xla_cpu_enable_fast_math=false"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
