@@ -39,7 +39,8 @@ def token_stats(logits, labels, num_classes: int | None = None,
     label's -1 into a zero tensor. Accuracy compares the label's logit with the
     maximum the log-sum-exp takes anyway, instead of a separate argmax pass (a tie
     for the maximum counts as correct, where argmax would pick the first index).
-    Reverse mode only: `jax.grad` and `jax.vjp` work, `jax.jvp` does not.
+    Reverse mode: `jax.grad`, grad of grad and Hessian-vector products as
+    `jax.jvp(jax.grad(f), ...)` work; `jax.jvp` of the loss itself does not.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
