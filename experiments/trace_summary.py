@@ -71,7 +71,8 @@ def classify(op_name: str | None) -> tuple[str, str]:
         return "xla-inserted", _LAYER.sub("layer_*", op_name.split("____")[0])
     phase = ("backward" if "transpose(" in op_name else
              "forward" if "jvp(" in op_name else "update+metrics")
-    parts = [p for p in op_name.split("/")[1:] if not p.startswith(("jvp(", "transpose("))]
+    # Drop the outer jit and the autodiff wrappers ("jvp(GPT)", "vmap(transpose(jvp(GPT)))").
+    parts = [p for p in op_name.split("/")[1:] if "jvp(" not in p and "transpose(" not in p]
     scope = "/".join(_LAYER.sub("layer_*", p) for p in parts)
     scope = re.sub(r"(layer_\*)/\1\.", r"\1/", scope)   # "layer_*/layer_*.residual" -> "layer_*/residual"
     return phase, scope

@@ -29,6 +29,8 @@ def test_instruction_scopes_and_phases():
     assert trace_summary.classify(scopes["dot.3"]) == ("forward", "decoder/layer_*/residual/mlp/up/dot_general")
     assert trace_summary.classify(scopes["copy.2"]) == ("xla-inserted", "copy(state_opt_state_1__0__mu__decoder")
     assert trace_summary.classify("jit(train_step)/jit(_where)/select_n") == ("update+metrics", "jit(_where)/select_n")
+    assert trace_summary.classify("jit(step)/vmap(transpose(jvp(GPT)))/decoder/layer_0/mlp/up/dot_general") == (
+        "backward", "decoder/layer_*/mlp/up/dot_general")
     table = trace_summary.summarize({"dot.3": 3000.0, "loop_tanh_fusion": 1000.0}, {"dot.3": 2, "loop_tanh_fusion": 2},
                                     scopes, calls=2, step_ms=4.0)
     assert "device time per step 2.00 ms of 4.00 ms wall (50% busy)" in table
