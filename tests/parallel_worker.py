@@ -129,11 +129,13 @@ def run_pmap(task, ref, ref_params, ckpt_dir):
     from transformer_jax.training import Checkpointer, abstract_train_state, create_train_state
     config, tx, key, ds = setup(task)
     state = parallel.replicate(create_train_state(config, tx, key, task=task))
-    step = parallel.make_pmap_train_step(task)
+    # detailed: the per-layer norms too (the global norm then comes from their groups).
+    step = parallel.make_pmap_train_step(task, detailed=True)
     history = {"loss": [], "grad_norm": []}
     for i in range(STEPS):
         state, metrics = step(state, parallel.split_batch(ds.batch(i, BATCH)))
         _record(history, parallel.unreplicate(metrics))
+    layer_norms = sum(k.startswith("grad_norm/") for k in metrics)
     params = parallel.unreplicate(state.params)
     last_copy = jax.tree.map(lambda x: x.addressable_shards[-1].data[0], state.params)
     with Checkpointer(ckpt_dir) as ckpt:
@@ -141,6 +143,7 @@ def run_pmap(task, ref, ref_params, ckpt_dir):
         restored, _ = parallel.restore_replicated(
             ckpt, abstract_train_state(config, tx, task=task), config=config)
     return {"devices": int(jax.tree.leaves(state.params)[0].shape[0]), **_compare(history, ref),
+            "layer_norms": layer_norms,
             "param_diff": max_diff(params, ref_params), "replicas_diff": max_diff(last_copy, params),
             "restored_diff": max_diff(parallel.unreplicate(restored.params), params),
             "restored_leading_dims": sorted({x.shape[0] for x in jax.tree.leaves(restored.params)})}
@@ -178,12 +181,13 @@ def run_sharded(task, mesh_text, ref_init, ref, ref_params, *, sharded_init: boo
         state = jax.device_put(create_train_state(config, tx, key, task=task), shardings)
     rec = {"init_diff": max_diff(state.params, ref_init) if sharded_init else None,
            "shardings": sharding_record(state, parallel.logical_param_specs(config, task))}
-    step = parallel.make_sharded_train_step(task, mesh, shardings)
+    step = parallel.make_sharded_train_step(task, mesh, shardings, detailed=True)
     history = {"loss": [], "grad_norm": []}
     for i in range(STEPS):
         state, metrics = step(state, ds.batch(i, BATCH))
         _record(history, metrics)
-    rec.update(**_compare(history, ref), param_diff=max_diff(state.params, ref_params))
+    rec.update(**_compare(history, ref), param_diff=max_diff(state.params, ref_params),
+               layer_norms=sum(k.startswith("grad_norm/") for k in metrics))
     return state, rec
 
 

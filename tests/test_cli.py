@@ -48,10 +48,15 @@ def test_generate_prints_text(gpt_run, capsys):
 def test_bert_trains_and_embeds(tmp_path, capsys):
     out = tmp_path / "bert"
     code = main(["train", "--model", "bert-tiny", "--task", "mlm", "--steps", "120", "--lr", "2e-3",
-                 "--warmup", "10", "--vocab-size", "512", "--out", str(out), *COMMON])
+                 "--warmup", "10", "--vocab-size", "512", "--layer-norms", "--out", str(out), *COMMON])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5  # MLM+NSP, nats
+    # --layer-norms: one gradient norm per layer and module, which make up the global one.
+    last = _records(out, "train")[-1]
+    groups = {k: v for k, v in last.items() if k.startswith("grad_norm/")}
+    assert {"grad_norm/bert/encoder/layer_0", "grad_norm/bert/encoder/layer_1"} <= set(groups)
+    np.testing.assert_allclose(np.sqrt(sum(v * v for v in groups.values())), last["grad_norm"], rtol=1e-4)
     capsys.readouterr()
     assert main(["embed", "--model", str(out), "--text", "open a file", "--text", "x"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]

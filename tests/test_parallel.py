@@ -105,6 +105,7 @@ def test_pmap_step_equals_single_device_step(device_results):
         assert r["loss_diff"] < TOL and r["grad_norm_rel_diff"] < TOL, (task, r)
         assert r["param_diff"] < TOL, (task, r)
         assert r["replicas_diff"] == 0.0, (task, r)   # every device applied the same update
+        assert r["layer_norms"] >= 2, (task, r)        # detailed=True: per-layer norms too
 
 
 def test_replicated_state_checkpoints_round_trip(device_results):
@@ -120,6 +121,7 @@ def test_sharded_step_equals_single_device_step(device_results, task, mesh):
     r = rec["sharded"][mesh]
     assert r["loss_diff"] < TOL and r["grad_norm_rel_diff"] < TOL, r
     assert r["param_diff"] < TOL, r["param_diff"]
+    assert r["layer_norms"] >= 2, r
     assert np.all(np.diff(rec["ref_losses"]) != 0)   # the steps did change the model
     if mesh == "data=2,fsdp=2,tensor=2":   # created sharded: the same init as one device
         assert r["init_diff"] == 0.0

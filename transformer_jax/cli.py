@@ -40,6 +40,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--mesh", default=None,
                    help="with --parallel shard: axis sizes, e.g. data=2,fsdp=2,tensor=2 "
                         "(product = device count; default data=<all devices>)")
+    p.add_argument("--layer-norms", action="store_true",
+                   help="also log per-layer gradient and update norms in metrics.jsonl")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -20,7 +20,8 @@ def train(args) -> int:
                     accumulation=args.accumulation, norm_placement=args.norm_placement,
                     attention=args.attention, dtype=args.dtype, seed=args.seed, out_dir=args.out,
                     resume=args.resume, eval_every=args.eval_every, save_every=args.save_every,
-                    peak_tflops=args.peak_tflops, parallel=args.parallel, mesh=args.mesh)
+                    peak_tflops=args.peak_tflops, parallel=args.parallel, mesh=args.mesh,
+                    layer_norms=args.layer_norms)
     summary = run_training(run, progress=not args.no_progress)
     shown = {k: summary.get(k) for k in ("status", "diverged_at", "step", "initial_val_loss",
                                          "final_val_loss", "tokens_per_sec", "mfu", "loss_spikes")}

@@ -49,7 +49,8 @@ def unreplicate(tree):
     return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
 
 
-def pmap_train_step(state: TrainState, batch, task: Task, axis_name: str = AXIS):
+def pmap_train_step(state: TrainState, batch, task: Task, axis_name: str = AXIS,
+                    detailed: bool = False):
     """Per-device body, run under pmap on this device's state and batch slice
     `[B / devices, ...]`: gradients and metrics averaged over `axis_name` between
     `compute_grads` and `apply_grads`. Dropout differs per device (key folded with
@@ -63,16 +64,17 @@ def pmap_train_step(state: TrainState, batch, task: Task, axis_name: str = AXIS)
     weight = jax.lax.psum(metrics.pop("weight"), axis_name)  # target count of the global batch
     metrics = {**jax.lax.pmean(metrics, axis_name), "weight": weight}
     metrics["perplexity"] = jnp.exp(metrics["nll"])
-    state, update_metrics = apply_grads(state, grads, loss)
+    state, update_metrics = apply_grads(state, grads, loss, detailed=detailed)
     return state, {**metrics, **update_metrics}
 
 
 def make_pmap_train_step(task: Task | str, *, axis_name: str = AXIS,
-                         donate: bool = True) -> Callable:
+                         donate: bool = True, detailed: bool = False) -> Callable:
     """pmap(pmap_train_step): (replicated state, batch `[devices, B / devices, ...]`)
     -> (replicated state, metrics, one copy per device; `unreplicate` them)."""
     task = get_task(task) if isinstance(task, str) else task
-    return jax.pmap(functools.partial(pmap_train_step, task=task, axis_name=axis_name),
+    return jax.pmap(functools.partial(pmap_train_step, task=task, axis_name=axis_name,
+                                      detailed=detailed),
                     axis_name=axis_name, donate_argnums=(0,) if donate else ())
 
 

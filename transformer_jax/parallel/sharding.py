@@ -157,11 +157,12 @@ def _resolve(task: Task | str) -> Task:
 
 
 def make_sharded_train_step(task: Task | str, mesh: jax.sharding.Mesh, shardings: TrainState,
-                            rules=LOGICAL_RULES, *, donate: bool = True) -> Callable:
+                            rules=LOGICAL_RULES, *, donate: bool = True,
+                            detailed: bool = False) -> Callable:
     """(state, batch) -> (state, metrics): `train_step` jitted over `mesh`. The batch may
     be this process's numpy rows `[B_local, ...]` or global arrays `[B, ...]` already
     placed; metrics (scalars) come back replicated. The state is donated."""
-    step = jax.jit(functools.partial(train_step, task=_resolve(task)),
+    step = jax.jit(functools.partial(train_step, task=_resolve(task), detailed=detailed),
                    in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)),
                    donate_argnums=(0,) if donate else ())

@@ -49,14 +49,15 @@ class Strategy:
         leaves `[devices, ...]` -> device 0's `[...]`)."""
         return pmap_lib.unreplicate(state) if self.mode == "pmap" else state
 
-    def train_step(self, task) -> Callable:
-        """(placed state, host batch [B, ...]) -> (placed state, one copy of the metrics)."""
+    def train_step(self, task, *, detailed: bool = False) -> Callable:
+        """(placed state, host batch [B, ...]) -> (placed state, one copy of the metrics);
+        `detailed` adds per-layer gradient and update norms (`apply_grads`)."""
         if self.mode == "none":
-            return make_train_step(task)
+            return make_train_step(task, detailed=detailed)
         if self.mode == "shard":
             return sharding_lib.make_sharded_train_step(task, self.mesh, self.shardings,
-                                                        self.mesh_config.rules)
-        step = pmap_lib.make_pmap_train_step(task)
+                                                        self.mesh_config.rules, detailed=detailed)
+        step = pmap_lib.make_pmap_train_step(task, detailed=detailed)
 
         def run(state, batch):
             state, metrics = step(state, pmap_lib.split_batch(batch))

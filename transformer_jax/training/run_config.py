@@ -57,6 +57,10 @@ class RunConfig:
     save_every: int = 100
     keep: int = 3
     log_every: int = 10
+    # Also log gradient and update norms per layer ("grad_norm/decoder/layer_3", ...):
+    # the depth profile Xiong et al. 2020 compare, at the price of extra passes over
+    # the gradients and updates every step.
+    layer_norms: bool = False
     peak_tflops: float | None = None   # for MFU; None = measure a matmul at start-up
     # Save and stop after this many updates, as a pre-empted job would; resuming
     # continues to `steps`. For time-sliced clusters and the exact-resume test.

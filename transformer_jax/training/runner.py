@@ -159,7 +159,7 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
     iterator = BatchIterator(train_ds, run.batch_size, seed=run.seed)
     monitor = DivergenceMonitor()
     log = _Log(out / "metrics.jsonl")
-    step_fn, eval_fn = strategy.train_step(task), strategy.eval_step(task)
+    step_fn, eval_fn = strategy.train_step(task, detailed=run.layer_norms), strategy.eval_step(task)
     host = strategy.host_state   # the state evaluation and checkpoints see
     flops_per_token = model_flops_per_token(config, run.seq_len)
     peak = _peak_flops(run)
@@ -217,7 +217,7 @@ def _flush(pending, monitor, log, speed, first_step, bar) -> int | None:
         step = first_step + i
         status = monitor.update(step, metrics)
         record = {"step": step, "kind": "train", "loss_spikes": status.num_spikes,
-                  **{k: v for k, v in metrics.items() if "/" not in k}, **speed}
+                  **metrics, **speed}
         log.write(record)
         bar.update(1)
         if status.diverged:
