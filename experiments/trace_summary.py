@@ -78,8 +78,8 @@ def classify(op_name: str | None) -> tuple[str, str]:
     return phase, scope
 
 
-def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
-    """({hlo_op: total µs}, {hlo_op: count}) from the newest perfetto trace under
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int], str]:
+    """({hlo_op: total µs}, {hlo_op: count}, what was read) from the newest perfetto trace under
     `trace_dir`: on a GPU/TPU the kernels on the device's stream lines (not the
     derived "XLA Ops" / "XLA Modules" lines, which would count them twice), on a
     CPU the thunks that name an HLO op."""
@@ -108,7 +108,9 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
         if op:
             total[op] += float(e.get("dur", 0.0))
             count[op] += 1
-    return dict(total), dict(count)
+    source = (f"kernels on {len(keep)} device line(s): {', '.join(sorted(lines[k] for k in keep))}"
+              if devices else "host thunks (the trace has no device lines)")
+    return dict(total), dict(count), source
 
 
 def summarize(times: dict[str, float], counts: dict[str, int], scopes: dict[str, str],
@@ -151,5 +153,6 @@ def profile(compiled, args: tuple, calls: int, trace_dir: str, donated: bool = T
                 args = (out[0], *args[1:])
             out = compiled(*args)
         jax.block_until_ready(out)
-    times, counts = kernel_times(trace_dir)
-    return summarize(times, counts, instruction_scopes(compiled.as_text()), calls, step_ms, top)
+    times, counts, source = kernel_times(trace_dir)
+    return (f"read: {source}\n"
+            + summarize(times, counts, instruction_scopes(compiled.as_text()), calls, step_ms, top))

@@ -73,8 +73,9 @@ def test_kernel_times_reads_device_streams_once(tmp_path):
     run.mkdir(parents=True)
     with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
-    times, counts = trace_summary.kernel_times(str(tmp_path))
+    times, counts, source = trace_summary.kernel_times(str(tmp_path))
     assert times == {"dot.3": 40.0, "memcpy": 5.0} and counts == {"dot.3": 2, "memcpy": 1}
+    assert source == "kernels on 1 device line(s): Stream #7(Compute)"
 
 
 def test_cost_only_compiles_rows_without_running(capsys):
