@@ -61,12 +61,12 @@ class Embeddings(nn.Module):
         normal = nn.initializers.normal(cfg.init_std)
         init = lambda names: logical.param_init(normal, names, cfg.logical_partitioning)
         self.token = Embed(cfg.padded_vocab_size, cfg.d_model,
-                              embedding_init=init((logical.VOCAB, logical.EMBED)),
-                              dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+                           embedding_init=init((logical.VOCAB, logical.EMBED)),
+                           dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if cfg.position == "learned":
             pos_dim = cfg.d_model
             self.position = Embed(cfg.max_len, pos_dim, embedding_init=init((None, logical.EMBED)),
-                                     dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+                                  dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         if self.type_vocab_size:
             self.token_type = Embed(self.type_vocab_size, cfg.d_model, one_hot=True,
                                     embedding_init=init((None, logical.EMBED)),
