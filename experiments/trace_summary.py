@@ -118,8 +118,13 @@ def summarize(times: dict[str, float], counts: dict[str, int], scopes: dict[str,
     """Markdown: device ms per step by phase, then the `top` scopes by time."""
     by_phase = collections.defaultdict(float)
     by_scope = collections.defaultdict(lambda: [0.0, 0])
+    # A kernel replayed from a CUDA graph may carry no HLO op name, only its kernel
+    # name, which XLA derives from the fusion's ("loop_add_fusion.12" ->
+    # "loop_add_fusion_12"); library kernels (cuBLAS, cuDNN) stay unattributed.
+    by_kernel = {re.sub(r"[.\-]", "_", name): scope for name, scope in scopes.items()}
     for op, us in times.items():
-        phase, scope = classify(scopes[op]) if op in scopes else ("unattributed", op[:100])
+        scope_name = scopes.get(op) or by_kernel.get(op)
+        phase, scope = classify(scope_name) if scope_name else ("unattributed", op[:100])
         by_phase[phase] += us
         entry = by_scope[(phase, scope)]
         entry[0] += us

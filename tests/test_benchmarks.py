@@ -35,6 +35,10 @@ def test_instruction_scopes_and_phases():
                                     scopes, calls=2, step_ms=4.0)
     assert "device time per step 2.00 ms of 4.00 ms wall (50% busy)" in table
     assert "| forward | 1.50 | 75.0% |" in table
+    # A kernel known only by its name (no HLO op) maps back through the fusion's name.
+    table = trace_summary.summarize({"dot_3": 1.0, "sm90_xmma_gemm": 1.0}, {}, scopes, calls=1)
+    assert "| forward | decoder/layer_*/residual/mlp/up/dot_general |" in table
+    assert "| unattributed | sm90_xmma_gemm |" in table
 
 
 def test_bench_rows_start_equal_and_profile(tmp_path, capsys):
