@@ -13,11 +13,11 @@ timed steps (every row starts from the same seed and batch, so losses compare).
 field, plus `attention=KIND`, `donate=false` and XLA compiler options such as
 `xla_gpu_enable_triton_gemm=false`, applied to that row's compilation only) or
 `--compare plain` (every switch off) adds a variant row measured in the same
-run, so every ratio is taken side by side. `--profile [DIR]` traces five baseline steps and prints the
-device time per step by phase (forward, backward, update) and by module
-(`experiments/trace_summary.py`). `--cost-only` compiles the rows without
-running them and prints XLA's FLOPs and bytes accessed, a proxy for memory
-traffic that needs no accelerator.
+run, so every ratio is taken side by side. `--profile [DIR]` traces five
+baseline steps and prints the device time per step by phase (forward, backward,
+update) and by module (`experiments/trace_summary.py`). `--cost-only` compiles
+the rows without running them and prints XLA's FLOPs and bytes accessed, a
+proxy for memory traffic that needs no accelerator.
 
 FLOPs per token follow nanoGPT: 6 N + 12 L d T with N excluding position
 embeddings (Kaplan et al. 2020, arXiv 2001.08361). For BERT the MLM head runs only
