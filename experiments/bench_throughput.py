@@ -103,16 +103,21 @@ def same_start(config, task: str):
     return stack_layers(params, config.num_layers) if config.scan_layers else params
 
 
+def _compile(task: str, state, batch, donate: bool, options):
+    """The library's train step compiled for (state, batch), with `options` (XLA
+    compiler options) for this compilation only."""
+    step = make_train_step(get_task(task), donate=donate)
+    return step.lower(state, batch).compile(compiler_options=options or None)
+
+
 def prepare(config, task: str, batch_size: int, seq: int, donate: bool = True, options=None):
-    """(compiled train step, its state, batch, compile seconds) from the same start;
-    `options`: XLA compiler options for this compilation only."""
+    """(compiled train step, its state, batch, compile seconds) from the same start."""
     tx = make_optimizer(1e-4)
     state = create_train_state(config, tx, jax.random.PRNGKey(0), task=task,
                                params=same_start(config, task))
     batch = jax.device_put(random_batch(task, config, batch_size, seq))
-    step = make_train_step(get_task(task), donate=donate)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile(compiler_options=options or None)
+    compiled = _compile(task, state, batch, donate, options)
     return compiled, state, batch, time.perf_counter() - t0
 
 
@@ -144,8 +149,7 @@ def cost(config, task: str, batch_size: int, seq: int, donate: bool = True, opti
     state): FLOPs and bytes accessed as this backend's compiler counts them."""
     tx = make_optimizer(1e-4)
     state = jax.eval_shape(lambda: create_train_state(config, tx, jax.random.PRNGKey(0), task=task))
-    compiled = make_train_step(get_task(task), donate=donate).lower(
-        state, random_batch(task, config, batch_size, seq)).compile(compiler_options=options or None)
+    compiled = _compile(task, state, random_batch(task, config, batch_size, seq), donate, options)
     analysis = compiled.cost_analysis()
     analysis = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis) or {}
     return {"tflop": analysis.get("flops", float("nan")) / 1e12,

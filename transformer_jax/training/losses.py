@@ -38,12 +38,11 @@ def nsp_loss(nsp_logits, nsp_labels) -> dict:
 
 
 def loss_from_token_stats(stats, weights) -> dict:
-    """{"loss", "nll", "accuracy", "weight"} from per-token {"nll", "correct", ["loss"]}
+    """{"loss", "nll", "accuracy", "weight"} from per-token {"nll", "loss", "correct"}
     `[B, L]` (`cross_entropy.token_stats`, or GPT given targets, maybe computed in
-    chunks) and weights `[B, L]`; "loss" is the nll unless the stats carry a
-    label-smoothed one."""
+    chunks) and weights `[B, L]`."""
     mean_nll, weight = weighted_mean(stats["nll"], weights)
-    mean_loss = weighted_mean(stats["loss"], weights)[0] if "loss" in stats else mean_nll
+    mean_loss, _ = weighted_mean(stats["loss"], weights)
     accuracy, _ = weighted_mean(stats["correct"], weights)
     return {"loss": mean_loss, "nll": mean_nll, "accuracy": accuracy, "weight": weight}
 

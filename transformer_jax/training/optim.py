@@ -106,7 +106,7 @@ def scale_by_adam_unless_skipped(b1: float, b2: float, eps: float) -> optax.Grad
 
     def update(updates, state, params=None, *, finite=True, **extra_args):
         del params, extra_args
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        keep = functools.partial(tree.tree_where, finite)
         mu = keep(tree.tree_update_moment(updates, state.mu, b1, 1), state.mu)
         nu = keep(tree.tree_update_moment_per_elem_norm(updates, state.nu, b2, 2), state.nu)
         count = jnp.where(finite, optax.safe_increment(state.count), state.count)
@@ -120,7 +120,7 @@ def _state_unless_skipped(inner: optax.GradientTransformation) -> optax.Gradient
     """`inner` whose (small: a schedule's step count) state is kept when `finite` is False."""
     def update(updates, state, params=None, *, finite=True, **extra_args):
         updates, new = inner.update(updates, state, params)
-        return updates, jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        return updates, optax.tree_utils.tree_where(finite, new, state)
     return optax.GradientTransformationExtraArgs(inner.init, update)
 
 

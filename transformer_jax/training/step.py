@@ -65,8 +65,9 @@ def apply_grads(state: TrainState, grads, loss=None, *, detailed: bool = False
 
     The skip depends only on what is known before the update (with a finite
     gradient and state, AdamW's update is finite: its denominator is at least
-    eps), so the per-leaf select fuses into the update's elementwise kernels
-    instead of waiting for a norm over every update; `detailed` costs extra
+    eps), so it need not wait for a norm over every update. `make_optimizer`'s
+    AdamW keeps its own state on a skipped step (`SkipsNonFinite`); any other
+    optimizer's new state is selected leaf by leaf. `detailed` costs extra
     passes over the gradients, the updates and the parameters."""
     if detailed:
         grad_norm, grad_norms = grouped_norms(grads)
@@ -77,7 +78,7 @@ def apply_grads(state: TrainState, grads, loss=None, *, detailed: bool = False
         finite &= jnp.isfinite(loss)
     # A select per leaf, not lax.cond: on GPU a conditional reads its predicate on
     # the host, a sync in the middle of every step (under vmap a cond is a select anyway).
-    keep = functools.partial(jax.tree.map, lambda a, b: jnp.where(finite, a, b))
+    keep = functools.partial(optax.tree_utils.tree_where, finite)
     if isinstance(state.tx, SkipsNonFinite):
         # The optimizer keeps its own state on a skipped step (a second select over
         # the moments would make XLA copy them: see SkipsNonFinite).
