@@ -1,17 +1,20 @@
 """The LN-stability benchmark: post-LN vs pre-LN (Xiong et al. 2020, arXiv 2002.04745).
 
-    python -m experiments.ln_stability --preset quick        # ~6 min on 2 CPU cores, offline
-    python -m experiments.ln_stability --preset paper --out results/paper   # accelerator-sized
+    python -m experiments.ln_stability --preset quick        # minutes on 2 CPU cores, offline
+    python -m experiments.ln_stability --preset quick --seeds 10,11,12   # another seed set
+    python -m experiments.ln_stability --preset gpu          # ~10 min on one H100/H200 or TPU v5e
     python -m experiments.ln_stability --preset micro --out /tmp/ln-micro   # seconds (tests)
 
 Four parts (see experiments/ln/): (a) per-layer gradient norms at initialization
 for five placements and several depths; (b) a training sweep over placement x
-warm-up x peak learning rate x seed for BERT (MLM+NSP) and GPT (LM); (c) each
+warm-up x peak learning rate x seed for translation (encoder-decoder), BERT
+(MLM + NSP, reported apart) and, in larger presets, GPT (LM); (c) each
 (task, placement) of that sweep is one `jax.vmap`ped program, checked against runs
 done one by one; (d) JSONL records, CSVs, plots and `report.md` with verdicts.
 Re-running with the same --out skips the work already recorded there. Results go
 to runs/ln_stability/<preset>/ by default; experiments/results/quick/ holds the
-committed reference output of the quick preset.
+committed reference output of the quick preset. A time estimate (from a FLOP count
+and the preset's assumed device rate) is printed at start.
 """
 from __future__ import annotations
 
@@ -31,6 +34,17 @@ from experiments.ln.presets import PRESETS, get_preset
 DEFAULT_OUT = Path("runs") / "ln_stability"
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds={text!r}: expected comma-separated "
+                                         "non-negative integers, e.g. 10,11,12") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds={text!r}: seeds must be distinct and >= 0")
+    return seeds
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,33 +54,54 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "reference output is in experiments/results/<preset>)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="tokenizer cache (default: <out>/.cache)")
+    parser.add_argument("--seeds", type=_seeds, default=None,
+                        help="comma-separated seeds replacing the preset's in every part, e.g. "
+                             "10,11,12 (default out: runs/ln_stability/<preset>-seeds-10-11-12)")
     parser.add_argument("--quiet", action="store_true", help="only section-level progress lines")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild report, CSVs and plots from the records; run nothing")
     return parser.parse_args(argv)
 
 
+def _estimate_line(preset) -> str:
+    e = bench.estimate(preset)
+    return (f"estimate: ~{e['seconds'] / 60:.0f} min = {e['flops'] / 1e12:.1f} TFLOP of model "
+            f"arithmetic (6 N + attention per token) at an assumed "
+            f"{preset.device_flops / 1e12:g} TFLOP/s sustained ({preset.device}) + "
+            f"{e['programs']} XLA compilations at an assumed {preset.compile_s:g} s each")
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     preset = get_preset(args.preset)
-    out = args.out or DEFAULT_OUT / preset.name
+    name = preset.name
+    if args.seeds is not None:
+        preset = preset.with_seeds(args.seeds)
+        name += "-seeds-" + "-".join(map(str, args.seeds))
+    out = args.out or DEFAULT_OUT / name
     cache = args.cache_dir or out / ".cache"
     out.mkdir(parents=True, exist_ok=True)
     log = bench.Log(args.quiet)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), _cpu_s()
     if not args.report_only:
         log(f"preset {preset.name} -> {out}")
+        log(_estimate_line(preset))
         bench.run_gradnorm(preset, out, cache, log)
         for sweep in preset.sweeps:
             bench.run_sweep(preset, sweep, out, cache, log)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     timing = None if args.report_only else {
-        "wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+        "wall_s": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu0,
+        "args": "" if args.seeds is None else f" --seeds {','.join(map(str, args.seeds))}",
         "machine": f"JAX {jax.__version__}, backend {jax.default_backend()}, "
                    f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"}
     path = report.write_report(preset, out, timing)
     log(f"report: {path}")
     return path
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ of the block/chunk, so internal padding is exercised everywhere.
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,6 +227,26 @@ def test_sparse_kernels_never_build_an_n_by_n_array():
         assert (size >= n * n) if name == "xla" else (size < n * n // 4), (name, size)
 
 
+def _grad_temp_bytes(fn, n, heads=1, head_dim=64):
+    """Temporary memory XLA allots to the compiled gradient of sum(fn(q, k, v)) (compile only)."""
+    x = jax.ShapeDtypeStruct((1, n, heads, head_dim), jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
+    return grad.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_causal_gradient_memory_is_linear():
+    """Issue 17: a `cond` skipping future key chunks made autodiff stack a copy of k, v
+    per key step, O(n² d / key_chunk) (21.7 MiB at n=2048, 75 MiB at 4096 for one
+    head). The causal gradient must cost about what the bidirectional one does and
+    grow linearly; at head_dim 64 the old quadratic term is already dominant."""
+    temp = {(causal, n): _grad_temp_bytes(
+        functools.partial(chunked_attention, causal=causal), n)
+        for causal in (False, True) for n in (2048, 4096)}
+    for n in (2048, 4096):
+        assert temp[True, n] < 1.5 * temp[False, n], (n, temp)
+    assert temp[True, 4096] < 2.2 * temp[True, 2048], temp   # linear: x2, quadratic: x4
+
+
 # --- kernelized attention ---------------------------------------------------------------
 
 def test_linear_causal_equals_masked_quadratic_form_and_recurrence():
@@ -388,6 +409,77 @@ def test_multihead_refuses_what_a_sparse_kernel_cannot_take():
                        *_qkv(0, n=12))
 
 
+class _KernelExtra(nn.Module):
+    """Owns the parameters / random features a registered kernel's `make_extra` makes."""
+    kind: str
+    config: AttentionConfig
+    shape: tuple  # (q_len, kv_len, heads, kv_heads, head_dim)
+    param_dtype: jnp.dtype = jnp.float32  # as MultiHeadAttention's, read by make_extra
+
+    @nn.compact
+    def __call__(self):
+        q_len, kv_len, heads, kv_heads, head_dim = self.shape
+        return registry.get(self.kind).make_extra(self, self.config, q_len=q_len, kv_len=kv_len,
+                                                  num_heads=heads, num_kv_heads=kv_heads,
+                                                  head_dim=head_dim)
+
+
+def _registry_call(name, q, k, v, mask=None, bias=None):
+    """Calls the kernel registered as `name` directly (the documented path without
+    `MultiHeadAttention`)."""
+    variant, config = registry.get(name), AttentionConfig(kind=name, linformer_max_len=q.shape[1])
+    extra = {}
+    if variant.make_extra is not None:
+        shape = (q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
+        extra, _ = _KernelExtra(name, config, shape).init_with_output(jax.random.PRNGKey(0))
+    return variant.fn(q, k, v, mask=mask, bias=bias, causal=False, config=config, extra=extra,
+                      dropout_rate=0.0, dropout_rng=None, deterministic=True)
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_registered_kernel_validates_mask_and_bias_at_entry(name):
+    """Issue 17: a key mask of length 60 for 64 keys made `local` and `bigbird` treat
+    the last keys as padding, a longer one was cut, and `longformer` / `linear` gave
+    broadcasting TypeErrors. Every kernel must refuse a mask or bias that does not
+    broadcast to the scores, with the dense kernel's error, before anything else."""
+    n = 16
+    q, k, v = (x[:, :n] for x in _qkv(3))   # [B, n, H, D], k/v with KV heads
+    dense = functools.partial(functional.dot_product_attention, q, k, v)
+    bad_masks = {"short": np.ones((B, 1, 1, n - 4), bool), "long": np.ones((B, 1, 1, n + 4), bool),
+                 "batch": np.ones((B + 1, 1, 1, n), bool)}
+    for label, mask in bad_masks.items():
+        with pytest.raises(ValueError) as want:
+            dense(mask=mask)
+        with pytest.raises(ValueError, match="attention mask of shape") as got:
+            _registry_call(name, q, k, v, mask=mask)
+        assert str(got.value) == str(want.value), label
+    # A kernel with a bias refuses a wrong-shaped one; one without refuses any (it used
+    # to drop it silently).
+    if registry.get(name).supports_bias:
+        bias, match = np.zeros((B, H, n, n - 4), np.float32), "attention bias of shape"
+    else:
+        bias, match = np.zeros((B, H, n, n), np.float32), f"kind='{name}' does not support an additive bias"
+    with pytest.raises(ValueError, match=match):
+        _registry_call(name, q, k, v, bias=bias)
+
+
+def test_kernels_called_directly_validate_their_mask():
+    """The documented direct path (docs/attention.md, "Calling the kernels directly")
+    gives the dense kernel's error too, and longformer checks its global_mask's batch."""
+    q, k, v = _qkv(4, n=16)
+    short = np.ones((B, 1, 1, 12), bool)
+    with pytest.raises(ValueError) as want:
+        functional.dot_product_attention(q, k, v, mask=short)
+    features = orthogonal_random_features(16, D, 0)
+    for fn in (local_attention, longformer_attention, bigbird_attention, linear_attention,
+               chunked_attention, lambda *a, **kw: performer_attention(*a, features, **kw)):
+        with pytest.raises(ValueError) as got:
+            fn(q, k, v, mask=short)
+        assert str(got.value) == str(want.value), fn
+    with pytest.raises(ValueError, match=r"global_mask of shape \(3, 16\) must broadcast"):
+        longformer_attention(q, k, v, global_mask=np.zeros((3, 16), bool))
+
+
 def test_encoder_decoder_keeps_cross_attention_dense():
     """A sparse self-attention kind leaves cross-attention dense (LED / BigBird
     encoder-decoders), and Linformer is refused because the decoder is causal."""
@@ -406,3 +498,29 @@ def test_encoder_decoder_keeps_cross_attention_dense():
     params = dense.init(jax.random.PRNGKey(2), src, tgt)
     # A window wider than both sequences makes `local` equal to dense attention.
     np.testing.assert_allclose(local.apply(params, src, tgt), dense.apply(params, src, tgt), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_exact_flag_says_which_kernels_compute_full_softmax_attention(name):
+    """`AttentionVariant.exact` lets HF export (hf/config.py) accept a kernel; it must
+    be True exactly for the kernels whose output is dense softmax attention. Small
+    windows / blocks / projections make every other pattern differ at n=16."""
+    if name == "cudnn" or name.startswith("splash"):
+        pytest.skip("GPU / TPU-block kernel: its equality with xla is tested in "
+                    "test_speed_switches.py / test_splash.py")
+    n = 16
+    q, k, v = (x[:, :n] for x in _qkv(5))
+    mask = np.arange(n)[None, None, None, :] < np.array([n, 11])[:, None, None, None]
+    config = AttentionConfig(kind=name, window=2, global_positions=(0,), block_size=4,
+                             num_window_blocks=1, num_global_blocks=1, num_random_blocks=1,
+                             linformer_k=4, linformer_max_len=n, num_features=8,
+                             query_chunk=8, key_chunk=8, linear_chunk=8)
+    variant, extra = registry.get(name), {}
+    if variant.make_extra is not None:
+        shape = (n, n, H, KV, D)
+        extra, _ = _KernelExtra(name, config, shape).init_with_output(jax.random.PRNGKey(0))
+    got = variant.fn(q, k, v, mask=mask, bias=None, causal=False, config=config, extra=extra,
+                     dropout_rate=0.0, dropout_rng=None, deterministic=True)
+    want = reference.attention(q, k, v, mask=mask)
+    same = float(np.max(np.abs(np.asarray(got) - want))) < 1e-5
+    assert same == variant.exact, (name, variant.exact)

@@ -116,3 +116,24 @@ def test_embed_lookup_and_gradient_against_numpy(one_hot):
     np.testing.assert_allclose(grad["params"]["embedding"], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="embedding ids must be integers"):
         module.apply(params, ids.astype(np.float32))
+
+
+@pytest.mark.parametrize("norm_type", ["layernorm", "rmsnorm"])
+def test_norm_matches_float64_with_large_common_offset(norm_type):
+    """Vectors sharing a large offset (as residual streams and imported checkpoints do)
+    must still normalise to float64 precision in float32: the one-pass variance
+    E[x²] − E[x]² loses ~offset²·eps_fp32 to cancellation (4e-3 off at offset 20),
+    the two-pass E[(x − E[x])²] does not. RMSNorm has no mean to subtract."""
+    from transformer_jax.normalization import make_norm
+    rng = np.random.default_rng(0)
+    x = (20.0 + rng.normal(size=(4, 7, 256))).astype(np.float32)
+    norm = make_norm(norm_type, 1e-5, None, np.float32, "norm")
+    params = _randomize(norm.init(jax.random.PRNGKey(0), x))
+    out = np.asarray(norm.apply(params, x), np.float64)
+    p = {k: np.asarray(v, np.float64) for k, v in params["params"].items()}
+    x64 = x.astype(np.float64)
+    if norm_type == "layernorm":
+        ref = reference.layer_norm(x64, p["scale"], p["bias"], 1e-5)
+    else:
+        ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * p["scale"]
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)

@@ -97,7 +97,7 @@ def test_divergent_run_is_recorded_and_process_continues(tmp_path):
     (["train", "--model", "gpt-huge"], "model='gpt-huge' is not valid"),
     (["train", "--task", "mlm", "--model", "gpt-tiny"], "needs a BertConfig preset"),
     (["train", "--lr", "-1"], "lr=-1.0 is not valid"),
-    (["train", "--warmup", "500", "--steps", "10"], r"warmup=500 is not valid.*\[0, steps=10\]"),
+    (["train", "--warmup", "500", "--steps", "10"], r"warmup=500 is not valid.*\[0, steps=10\)"),
     (["train", "--schedule", "zigzag"], "schedule='zigzag' is not valid"),
     (["generate", "--model", "/nonexistent/dir"], "neither a run directory"),
 ])
@@ -113,15 +113,21 @@ def test_empty_corpus_and_existing_run_dir(tmp_path, capsys):
     assert str(empty) in capsys.readouterr().err
 
 
-def test_corrupted_checkpoint_is_reported(gpt_run, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["everything", "state"])
+def test_corrupted_checkpoint_is_reported(gpt_run, tmp_path, capsys, where):
+    """One line (the storage error's gist, no TensorStore spec); the rest with --verbose."""
     broken = tmp_path / "broken"
     shutil.copytree(gpt_run, broken)
     step_dir = sorted((broken / "checkpoints").iterdir(), key=lambda p: p.name)[-1]
-    for f in step_dir.rglob("*"):
+    for f in (step_dir if where == "everything" else step_dir / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 100 and "json" not in f.name.lower():
             f.write_bytes(b"\0garbage" * 8)
     assert main(["generate", "--model", str(broken)]) == 2
-    assert "corrupted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "corrupted" in err and err.count("\n") == 1 and "tensorstore_spec" not in err
+    assert "--verbose" in err and len(err) < 600
+    assert main(["generate", "--model", str(broken), "--verbose"]) == 2
+    assert "caused by" in capsys.readouterr().err
 
 
 def test_cli_on_imported_checkpoints(gpt_run, tmp_path, capsys):
@@ -149,3 +155,226 @@ def test_cli_on_imported_checkpoints(gpt_run, tmp_path, capsys):
     v = np.array([json.loads(line)["vector"] for line in capsys.readouterr().out.splitlines()])
     assert v.shape == (3, 384)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.5
+
+
+# --- resume, divergence, strict JSON, clear errors (issue 17 items 5-9) ------------------
+
+TINY = ["--max-documents", "30", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4",
+        "--warmup", "3", "--no-progress"]
+TIMING = {"tokens_per_sec", "model_flops_per_sec", "mfu"}
+
+
+def _strict_records(out):
+    """metrics.jsonl through a strict parser: NaN / Infinity raise."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    text = (Path(out) / "metrics.jsonl").read_text()
+    summary = json.loads((Path(out) / "summary.json").read_text(), parse_constant=refuse)
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()], summary
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """(full, resumed, note): 12 steps straight; and 8 steps, "killed" after the step-5
+    checkpoint (the step-8 one deleted, its log lines kept), resumed by `--resume` alone."""
+    import contextlib
+    import io
+    from transformer_jax.training import runner
+    root = tmp_path_factory.mktemp("tiny")
+    full, part = root / "full", root / "part"
+    args = [*TINY, "--steps", "12", "--eval-every", "4", "--save-every", "5"]
+    peaks = iter([1e9, 4e9])   # start-up and final matmul timings of the full run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "measure_matmul_peak", lambda *a, **k: next(peaks))
+        assert main(["train", *args, "--out", str(full)]) == 0
+    assert main(["train", *args, "--stop-at", "8", "--out", str(part)]) == 0
+    assert sorted(int(p.name) for p in (part / "checkpoints").iterdir()) == [5, 8]
+    shutil.rmtree(part / "checkpoints" / "8")   # as if killed before that save
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["train", "--out", str(part), "--resume", "--no-progress"]) == 0
+    return full, part, stdout.getvalue()
+
+
+def test_resume_without_flags_continues_exactly(tiny_runs):
+    from transformer_jax.training.loading import load_run
+    full, part, note = tiny_runs
+    assert f"resuming {part} at step 5 of 12: a gpt-tiny lm run with its saved settings" in note
+    (a, sa), (b, sb) = _strict_records(full), _strict_records(part)
+    assert len({(r["kind"], r["step"]) for r in b}) == len(b)   # no step logged twice
+    assert _untimed(b) == _untimed(a)                           # losses, lr, norms, evals, spikes
+    assert [r["step"] for r in b if r["kind"] == "train"] == list(range(1, 13))
+    assert sb["final_val_loss"] == sa["final_val_loss"] and sb["step"] == 12
+    assert sb["initial_val_loss"] == sa["initial_val_loss"] and sb["resumed_from"] == 5
+    pa, pb = load_run(full)[1], load_run(part)[1]
+    __import__("jax").tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+def test_resume_refuses_changes_that_reshape_the_run(tiny_runs, capsys):
+    _, part, _ = tiny_runs
+    before = (part / "metrics.jsonl").read_text()
+    assert main(["train", "--out", str(part), "--resume", "--steps", "40", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps 40 (saved 12)" in err and "--lr 0.01 (saved 0.001)" in err
+    assert "--allow-change steps,lr" in err and err.count("\n") == 1
+    assert main(["train", "--out", str(part), "--resume", "--model", "bert-tiny", "--task", "mlm"]) == 2
+    assert "this run is a gpt-tiny lm run" in capsys.readouterr().err
+    assert main(["train", "--out", str(part), "--resume", "--seq-len", "16",
+                 "--allow-change", "seq_len"]) == 2
+    assert "allow_change='seq_len' is not valid" in capsys.readouterr().err
+    assert (part / "metrics.jsonl").read_text() == before   # nothing touched
+
+
+def test_summary_and_metrics_are_strict_json_with_a_robust_mfu(tiny_runs):
+    full, _, _ = tiny_runs
+    records, summary = _strict_records(full)
+    flops = np.median([r["model_flops_per_sec"] for r in records if r["kind"] == "train"])
+    # The peak is the best of the start-up (1e9) and final (4e9) timings; the range
+    # is the MFU under each.
+    assert summary["peak_flops"] == 4e9 and summary["peak_flops_measured"] == [1e9, 4e9]
+    np.testing.assert_allclose(summary["mfu"], flops / 4e9)
+    np.testing.assert_allclose(summary["mfu_range"], [flops / 4e9, flops / 1e9])
+
+
+@pytest.fixture(scope="module")
+def diverged_run(tmp_path_factory):
+    """A post-LN run with lr 1e4 and default --save-every/--eval-every: it diverges."""
+    out = tmp_path_factory.mktemp("div") / "run"
+    assert main(["train", *TINY, "--steps", "30", "--lr", "1e4", "--schedule", "constant",
+                 "--warmup", "0", "--clip-norm", "0", "--norm-placement", "post",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_diverged_run_keeps_its_last_good_state_and_resumes_from_it(diverged_run, capsys):
+    records, summary = _strict_records(diverged_run)
+    k = summary["diverged_at"]
+    assert summary["status"] == "diverged" and summary["step"] == k - 1
+    assert [int(p.name) for p in (diverged_run / "checkpoints").iterdir()] == [k - 1]
+    bad = [r for r in records if r["kind"] == "train" and r["step"] == k]
+    assert bad and bad[0]["finite"] == 0.0 and "loss" in bad[0]["nonfinite"] and bad[0]["loss"] is None
+    capsys.readouterr()
+    assert main(["train", "--out", str(diverged_run), "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {diverged_run} at step {k - 1} of 30" in out and f"diverged at step {k}" in out
+    again, resumed = _strict_records(diverged_run)
+    assert resumed["resumed_from"] == k - 1
+    # The same settings diverge again at the same step, with the same numbers: the
+    # continuation starts from the saved state, not from step 0, and logs nothing twice.
+    assert _untimed(again) == _untimed(records)
+
+
+def test_divergence_rebuilds_the_last_good_state(tmp_path, monkeypatch):
+    """The host checks steps every --log-every (8) updates, so after a non-finite step
+    (here step 6, skipped as the jitted step skips it) steps 7 and 8 were applied before
+    it is seen; the saved state must still be the one after step 5: a run stopped there."""
+    import itertools
+    from transformer_jax.parallel.strategy import Strategy
+    from transformer_jax.training import runner
+    from transformer_jax.training.loading import load_run
+    base = dict(model="gpt-tiny", task="lm", max_documents=30, vocab_size=300, seq_len=32,
+                batch_size=4, steps=12, warmup=2, log_every=8, save_every=100, peak_tflops=1.0,
+                overrides=(("num_layers", 1), ("d_model", 32), ("num_heads", 2), ("d_ff", 64)))
+    stopped = train(RunConfig(**base, out_dir=str(tmp_path / "stop"), stop_at=5), progress=False)
+    assert stopped["status"] == "stopped" and stopped["step"] == 5
+    real_step, fresh, calls = Strategy.train_step, runner.fresh_state, []
+
+    def poisoned(self, task, **kw):
+        step_fn, count = real_step(self, task, **kw), itertools.count(1)
+
+        def run(state, batch):
+            if next(count) == 6:   # what train_step returns for a non-finite gradient
+                return state, {"loss": np.float32("nan"), "grad_norm": np.float32("nan"),
+                               "finite": np.float32(0.0)}
+            return step_fn(state, batch)
+        return run
+    monkeypatch.setattr(Strategy, "train_step", poisoned)
+    monkeypatch.setattr(runner, "fresh_state", lambda *a, **k: calls.append(1) or fresh(*a, **k))
+    summary = train(RunConfig(**base, out_dir=str(tmp_path / "div")), progress=False)
+    assert summary["status"] == "diverged" and summary["diverged_at"] == 6 and summary["step"] == 5
+    assert len(calls) == 2, "the state was not rebuilt from the initial one"
+    a, b = load_run(tmp_path / "div")[1], load_run(tmp_path / "stop")[1]
+    __import__("jax").tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_loss_plot_includes_the_final_evaluation(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from transformer_jax.training.run_files import plot_losses
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *xy, **kw: drawn.append((kw.get("label"), xy[:2])))
+    records = [{"step": 0, "kind": "eval", "loss": 5.0}, {"step": 1, "kind": "train", "loss": 4.9},
+               {"step": 2, "kind": "train", "loss": None}, {"step": 2, "kind": "final_eval", "loss": 4.0}]
+    plot_losses(records, tmp_path / "loss.png")
+    curves = {label: list(zip(*xy)) for label, xy in drawn}
+    assert curves["validation loss"] == [(0, 5.0), (2, 4.0)]
+    assert curves["train loss"] == [(1, 4.9)]
+
+
+def _binary_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("def f():\n    return 1\n" * 20)
+    (data / "b.txt").write_bytes(b"\x89\xa4\xff\x00binary" * 50)
+    return ["--data", str(data)], str(data / "b.txt")
+
+
+@pytest.mark.parametrize("case", ["out_is_file", "out_under_file", "binary_data", "seq_len",
+                                  "steps_le_warmup", "temperature", "top_p", "top_k",
+                                  "max_new_tokens", "allow_change"])
+def test_cli_mistakes_are_one_clear_line(case, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = ["--out", str(tmp_path / "run")]
+    argv, expect = {
+        "out_is_file": (["train", "--out", str(afile)], f"--out '{afile}' is a file"),
+        "out_under_file": (["train", "--out", str(afile / "run")], "cannot be created"),
+        "seq_len": (["train", "--seq-len", "1000", *out], "gpt-tiny has max_len=256"),
+        "steps_le_warmup": (["train", "--steps", "20", *out], r"warmup=20 .*lower --warmup or raise --steps"),
+        "temperature": (["generate", "--model", "x", "--temperature", "-1"], "--temperature -1.0 is not valid"),
+        "top_p": (["generate", "--model", "x", "--top-p", "0"], r"--top-p 0.0 is not valid: must be in \(0, 1\]"),
+        "top_k": (["generate", "--model", "x", "--top-k", "0"], "--top-k 0 is not valid"),
+        "max_new_tokens": (["generate", "--model", "x", "--max-new-tokens", "0"], "--max-new-tokens 0"),
+        "allow_change": (["train", "--allow-change", "model", *out], "allow_change='model' is not valid"),
+        "binary_data": (None, None),
+    }[case]
+    if case == "binary_data":
+        data, bad_file = _binary_data(tmp_path)
+        argv, expect = ["train", *data, *out], f"--data '{tmp_path / 'data'}': corpus file '{bad_file}' is not UTF-8"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(expect, err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()   # refused before anything was written
+
+
+def test_help_shows_defaults(capsys):
+    for argv, shown in ((["train", "--help"], ["(default: 200)", "(default: 0.001)", "(default: gpt-tiny)"]),
+                        (["generate", "--help"], ["(default: 0.8)", "(default: 40)"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(s in text for s in shown), text
+
+
+def test_unwritable_out_and_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """(Root ignores permissions, so the check is driven through os.access.)"""
+    from transformer_jax import commands
+    from transformer_jax.training import runner
+    monkeypatch.setattr(runner.os, "access", lambda path, mode: False)
+    assert main(["train", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{tmp_path / 'run'}' cannot be written: no write permission on '{tmp_path}'" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
+    monkeypatch.setitem(commands.COMMANDS, "info", denied)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"transformer-jax info: error: [Errno 13] Permission denied: '{tmp_path / 'x'}'\n"

@@ -5,8 +5,10 @@ directory, so expected values come from what the test wrote, not from the code
 under test. Tokenizers are trained with tiny vocabularies into temp caches.
 """
 
+import gzip
 import json
 import os
+import sysconfig
 import subprocess
 import sys
 import types
@@ -20,6 +22,8 @@ from transformer_jax.data import (
     GPTDataset, Seq2SeqDataConfig, Seq2SeqDataset, Tokenizer, TokenizedCorpus,
     load_hf_corpus, make_datasets, shard_batch, split_corpus, stdlib_corpus, text_corpus,
     tokenize_corpus, train_bpe, train_wordpiece, validate_token_ids)
+from transformer_jax.data import corpus as corpus_module
+from transformer_jax.data import load_corpus
 from transformer_jax.data import tokenizer as tokenizer_module
 
 LETTERS = list("abcdefghijklmnopqrstuvwxyz")
@@ -103,6 +107,55 @@ def test_stdlib_corpus_is_deterministic_and_capped():
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                          capture_output=True, text=True).stdout.strip()
     assert out == a.fingerprint
+
+
+@pytest.mark.skipif(sys.version.split()[0] != corpus_module.SNAPSHOT_PYTHON,
+                    reason="the snapshot was built from another Python's stdlib")
+def test_default_corpus_is_the_snapshot_of_its_python():
+    # Parsed afresh from this interpreter's stdlib, the text must equal what
+    # is shipped, so the snapshot is what its docstring says it is.
+    local = load_corpus("stdlib:local")
+    shipped = stdlib_corpus()
+    assert local.source.startswith("stdlib:") and shipped.source.startswith("stdlib-snapshot")
+    assert local.documents == shipped.documents
+    assert stdlib_corpus(max_chars=150_000).documents == load_corpus(
+        "stdlib:local", max_chars=150_000).documents
+
+
+def test_default_corpus_is_the_same_on_every_python():
+    # The load checks the content hash, so a pass here means the text is the
+    # fixed snapshot whatever Python runs the test (CI runs 3.11 and 3.13).
+    full = stdlib_corpus()
+    assert full.fingerprint == corpus_module.SNAPSHOT_FINGERPRINT
+    # The presets' caps (micro 150k chars, quick 400k) leave enough documents
+    # for a validation split with NotNext pairs (>= 2 documents each side).
+    for cap in (150_000, 400_000):
+        train, valid = split_corpus(stdlib_corpus(max_chars=cap))
+        assert train.num_documents >= 2 and valid.num_documents >= 2, cap
+    if sys.version_info[:2] != (3, 11):
+        local = stdlib_corpus(max_chars=150_000,
+                              stdlib_dir=sysconfig.get_paths()["stdlib"])
+        assert local.documents != stdlib_corpus(max_chars=150_000).documents
+
+
+def _write_snapshot(path, documents):
+    path.write_bytes(gzip.compress(json.dumps({"documents": documents}).encode()))
+
+
+def test_damaged_snapshot_is_refused(tmp_path, monkeypatch):
+    documents = [list(d) for d in stdlib_corpus(max_documents=3).documents]
+    monkeypatch.setattr(corpus_module, "_snapshot_path", lambda: tmp_path / "snap.json.gz")
+    corpus_module._snapshot_documents.cache_clear()
+    try:
+        documents[1][0] = documents[1][0].replace("e", "a", 1)
+        _write_snapshot(tmp_path / "snap.json.gz", documents)
+        with pytest.raises(ValueError, match="snap.json.gz.*fingerprint.*damaged"):
+            stdlib_corpus()
+        (tmp_path / "snap.json.gz").write_text("not gzip")
+        with pytest.raises(ValueError, match="snap.json.gz.*cannot be read"):
+            stdlib_corpus()
+    finally:
+        corpus_module._snapshot_documents.cache_clear()
 
 
 def test_text_dir_corpus_reads_documents_and_sentences(synthetic):

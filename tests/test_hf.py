@@ -291,11 +291,16 @@ def test_export_loads_in_pytorch_with_the_same_logits(tmp_path, kind):
 def test_export_refuses_what_hf_cannot_express(tmp_path):
     for overrides in (dict(position="rope"), dict(norm_type="rmsnorm"), dict(activation="swiglu"),
                       dict(norm_placement="post"), dict(num_kv_heads=1),
-                      dict(attention={"kind": "local", "window": 4})):
+                      dict(attention={"kind": "local", "window": 4}),
+                      dict(attention={"kind": "splash_local", "window": 4})):
         model = GPT(get_config("gpt-tiny", vocab_size=50, max_len=16, **overrides))
         field = next(iter(overrides))
         with pytest.raises(ValueError, match=field):  # refused on the config, before any tensor
             save_pretrained(tmp_path, model, {})
+    # Exact kernels (registry flag `exact`) are exportable, the TPU's splash included.
+    from transformer_jax.hf.config import check_exportable
+    for kind in ("xla", "chunked", "splash"):
+        check_exportable(get_config("gpt-tiny", attention={"kind": kind}), "gpt2")
 
 
 # ------------------------------------------------------------ bad checkpoints

@@ -157,8 +157,11 @@ def test_generate_sampling_eos_and_limits():
             assert gen[-1] == 3
     with pytest.raises(ValueError, match="exceeds the model's max_len=32"):
         generate(model, params, prompt, max_new_tokens=29)
-    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 101\)"):
+    with pytest.raises(ValueError, match=r"prompts must be in \[0, 101\) \(vocab_size=101\); got 2\d\d"):
         generate(model, params, prompt + 200, max_new_tokens=2)
+    for bad in (-1.0, float("nan"), float("inf")):   # -1 used to sample near-greedily
+        with pytest.raises(ValueError, match="temperature=.* must be a finite number >= 0"):
+            generate(model, params, prompt, max_new_tokens=2, temperature=bad)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -199,3 +202,41 @@ def test_concat_position_embeddings():
     params = model.init(jax.random.PRNGKey(0), ids)["params"]
     assert params["embeddings"]["combine"]["kernel"].shape == (64, 32)
     assert model.apply({"params": params}, ids).shape == (2, 8, 101)
+
+
+def test_out_of_range_ids_are_refused_eagerly_and_never_silent_under_jit():
+    """Issue 17: token_type_ids >= type_vocab_size became a zero vector (one-hot
+    lookup) and word ids >= vocab_size gave NaN, with no error; HF raises. Eager calls
+    raise a ValueError naming the field; under jit the output is NaN (never a plausible
+    answer) and `checkify.index_checks` names the bad index."""
+    from jax.experimental import checkify
+    bert_cfg = get_config("bert-tiny", **TINY)
+    bert = BertForPreTraining(bert_cfg)
+    ids, types = _tokens(11, (2, 8)), jnp.zeros((2, 8), jnp.int32)
+    params = bert.init(jax.random.PRNGKey(0), ids)
+    bad_types = types.at[1, 3].set(bert_cfg.type_vocab_size)
+    with pytest.raises(ValueError, match=r"token_type_ids must be in \[0, 2\) \(type_vocab_size=2\); "
+                                         r"got 2 at index \(1, 3\)"):
+        bert.apply(params, ids, bad_types)
+    for bad in (101, -1):
+        with pytest.raises(ValueError, match=rf"input_ids must be in \[0, 101\) \(vocab_size=101\); got {bad}"):
+            bert.apply(params, ids.at[0, 2].set(bad), types)
+    with pytest.raises(ValueError, match=r"mlm_positions must be in \[0, 8\)"):
+        bert.apply(params, ids, types, mlm_positions=jnp.array([[0, 8]] * 2))
+    gpt = GPT(get_config("gpt-tiny", **TINY))
+    gpt_params = gpt.init(jax.random.PRNGKey(0), ids)
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 101\)"):
+        gpt.apply(gpt_params, ids.at[1, 7].set(500))
+    seq2seq = EncoderDecoder(get_config("transformer-tiny", **TINY))
+    s2s_params = seq2seq.init(jax.random.PRNGKey(0), ids, ids)
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 101\)"):
+        seq2seq.apply(s2s_params, ids, ids.at[0, 0].set(101))
+
+    jitted = jax.jit(lambda i, t: bert.apply(params, i, t)["mlm_logits"])
+    assert np.isfinite(np.asarray(jitted(ids, types))).all()
+    assert np.isnan(np.asarray(jitted(ids, bad_types))[1]).all()   # was finite: a zero segment
+    assert np.isnan(np.asarray(jitted(ids.at[0, 2].set(-1), types))[0]).all()  # was row -1
+    err, _ = checkify.checkify(jitted, errors=checkify.index_checks)(ids, bad_types)
+    assert "index 2 is out of bounds for axis 0 with size 2" in str(err.get())
+    err, _ = checkify.checkify(jitted, errors=checkify.index_checks)(ids, types)
+    assert err.get() is None

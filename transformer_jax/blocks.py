@@ -11,10 +11,10 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from transformer_jax import partitioning as logical
+from transformer_jax import initializers, partitioning as logical
 from transformer_jax.attention import AttentionConfig, MultiHeadAttention
 from transformer_jax.config import TransformerConfig
-from transformer_jax.normalization import make_norm, xavier_normal
+from transformer_jax.normalization import make_norm
 
 ACTIVATION_FNS: dict[str, Callable] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),   # BERT: exact erf GELU
@@ -24,12 +24,13 @@ ACTIVATION_FNS: dict[str, Callable] = {
 
 
 def _inits(config: TransformerConfig, beta: float):
-    """(default init, init of W_v / W_o / feed-forward). DeepNorm uses Xavier normal
-    with gain beta on the latter (Wang et al. 2022, arXiv 2203.00555, Alg. 1)."""
-    if config.norm_placement == "deepnorm":
-        return xavier_normal(1.0), xavier_normal(beta)
-    init = nn.initializers.normal(config.init_std)
-    return init, init
+    """(default init, init of W_v / W_o / feed-forward) under `config.init`. DeepNorm
+    uses Xavier normal with gain beta on the latter (Wang et al. 2022, arXiv
+    2203.00555, Alg. 1), whatever `config.init` says."""
+    deepnorm = config.norm_placement == "deepnorm"
+    scheme = "xavier" if deepnorm else config.init
+    init = lambda gain: initializers.kernel_init(scheme, config.init_std, config.d_model, gain)
+    return init(1.0), init(beta if deepnorm else 1.0)
 
 
 # Kernels that attend between any query and key lengths; the position-based

@@ -6,27 +6,65 @@ import platform
 
 import numpy as np
 
+from transformer_jax.training.run_files import dumps
+
+
+def _typed_run_settings(args) -> dict:
+    """RunConfig fields of the flags the user typed (argparse keeps no defaults)."""
+    from transformer_jax.cli import TRAIN_FLAGS
+    given = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values() if hasattr(args, field)}
+    if "clip_norm" in given and given["clip_norm"] <= 0:
+        given["clip_norm"] = None   # --clip-norm 0 disables clipping
+    if "allow_change" in given:
+        given["allow_change"] = tuple(k.strip().replace("-", "_")
+                                      for k in given["allow_change"].split(",") if k.strip())
+    return given
+
+
+def _run_config(args):
+    """-> (RunConfig, one line saying what a --resume resumed, or None)."""
+    from transformer_jax.training.run_config import RunConfig
+    from transformer_jax.training.runner import saved_run
+    given = _typed_run_settings(args)
+    if not given.get("resume"):
+        return RunConfig(**given), None
+    out = given.get("out_dir", RunConfig().out_dir)
+    saved, step = saved_run(out)
+    run = RunConfig.resumed(saved, given)
+    changed = [f"--{k.replace('_', '-')} {v!r}" for k, v in given.items()
+               if k not in ("resume", "out_dir", "allow_change") and getattr(saved, k) != v]
+    status = _saved_status(out)
+    note = (f"resuming {out} at step {step} of {run.steps}: a {run.model} {run.task} run with its "
+            f"saved settings" + (f", changed: {', '.join(changed)}" if changed else ""))
+    if status.get("status") == "diverged":
+        note += (f"; it diverged at step {status.get('diverged_at')}, so this continues from its "
+                 "last good checkpoint" + ("" if changed else
+                                           " (unchanged settings diverge again; see --allow-change)"))
+    return run, note
+
+
+def _saved_status(out) -> dict:
+    from pathlib import Path
+    try:
+        return json.loads((Path(out) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
 
 def train(args) -> int:
     """`transformer-jax train`: one run of `training.runner`; prints the summary (a diverged
-    run is reported as such, with its step, not raised)."""
-    from transformer_jax.training.run_config import RunConfig
+    run is reported as such, with its step, not raised). With --resume, the settings are
+    the saved run's, overridden only by the flags given."""
     from transformer_jax.training.runner import train as run_training
-    run = RunConfig(model=args.model, task=args.task, data=args.data, max_documents=args.max_documents,
-                    vocab_size=args.vocab_size, seq_len=args.seq_len, batch_size=args.batch_size,
-                    steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
-                    weight_decay=args.weight_decay,
-                    clip_norm=args.clip_norm if args.clip_norm and args.clip_norm > 0 else None,
-                    accumulation=args.accumulation, norm_placement=args.norm_placement,
-                    attention=args.attention, dtype=args.dtype, seed=args.seed, out_dir=args.out,
-                    resume=args.resume, eval_every=args.eval_every, save_every=args.save_every,
-                    peak_tflops=args.peak_tflops, parallel=args.parallel, mesh=args.mesh,
-                    layer_norms=args.layer_norms)
+    run, note = _run_config(args)
+    if note:
+        print(note, flush=True)
     summary = run_training(run, progress=not args.no_progress)
     shown = {k: summary.get(k) for k in ("status", "diverged_at", "step", "initial_val_loss",
-                                         "final_val_loss", "tokens_per_sec", "mfu", "loss_spikes")}
-    print(json.dumps(shown, indent=2))
-    print(f"run directory: {args.out} (metrics.jsonl, summary.json, loss.png, checkpoints/)")
+                                         "final_val_loss", "tokens_per_sec", "mfu", "mfu_range",
+                                         "loss_spikes")}
+    print(dumps(shown, indent=2))
+    print(f"run directory: {run.out_dir} (metrics.jsonl, summary.json, loss.png, checkpoints/)")
     return 0
 
 
@@ -49,10 +87,24 @@ def _load(path):
                      "Hugging Face directory (with config.json)")
 
 
+def _check_sampling(args) -> None:
+    """The sampling flags, before any checkpoint is read."""
+    import math
+    checks = (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "a positive integer"),
+              ("--temperature", args.temperature,
+               math.isfinite(args.temperature) and args.temperature >= 0, "a number >= 0 (0 = greedy)"),
+              ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, "a positive integer"),
+              ("--top-p", args.top_p, args.top_p is None or 0.0 < args.top_p <= 1.0, "in (0, 1]"))
+    for flag, value, ok, valid in checks:
+        if not ok:
+            raise ValueError(f"{flag} {value!r} is not valid: must be {valid}")
+
+
 def generate(args) -> int:
     """`transformer-jax generate`: sample continuations of --prompt with the KV cache."""
     import jax
     from transformer_jax.models import GPT, GPTConfig, generate as sample
+    _check_sampling(args)
     config, params, tokenizer, _ = _load(args.model)
     if not isinstance(config, GPTConfig):
         raise ValueError(f"--model {args.model!r} holds a {type(config).__name__}; generate needs a GPT")

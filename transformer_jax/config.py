@@ -7,12 +7,15 @@ construction, so a bad value fails where it enters, naming field and valid value
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
 
 from transformer_jax.attention import registry
 from transformer_jax.attention.config import AttentionConfig
+from transformer_jax.initializers import INIT_SCHEMES
 from transformer_jax.positional import POSITION_KINDS
 
 NORM_PLACEMENTS = ("post", "pre", "sandwich", "deepnorm")
@@ -69,6 +72,12 @@ class TransformerConfig:
     use_bias: bool = True
     # BERT/GPT-2 initialise weights from N(0, 0.02^2) (Devlin et al. 2018).
     init_std: float = 0.02
+    # Initialisation scheme (`initializers.py`): "normal" = N(0, init_std^2) for
+    # every matrix; "xavier" = Glorot & Bengio 2010 per matrix, as Xiong et al.
+    # 2020 (arXiv 2002.04745); "small_init" = N(0, 2/(5d)) (Nguyen & Salazar 2019,
+    # arXiv 1910.05895). init_std is read by "normal" only. DeepNorm blocks keep
+    # Xavier with gain beta whatever this says.
+    init: str = "normal"
     # Output projection shares the token embedding matrix (Press & Wolf 2017).
     tie_embeddings: bool = True
     attention: AttentionConfig = AttentionConfig()
@@ -112,6 +121,15 @@ class TransformerConfig:
         _choice("norm_type", self.norm_type, NORM_TYPES)
         _choice("position", self.position, POSITION_KINDS)
         _choice("embed_combine", self.embed_combine, EMBED_COMBINE)
+        _choice("init", self.init, INIT_SCHEMES)
+        if self.norm_placement == "deepnorm" and self.init == "small_init":
+            # DeepNet's beta (Wang et al. 2022, arXiv 2203.00555) is derived for Xavier.
+            raise ValueError("init='small_init' does not apply to norm_placement='deepnorm', "
+                             "whose blocks use Xavier with gain beta; choose init 'normal' "
+                             "or 'xavier'")
+        if not isinstance(self.init_std, numbers.Real) or isinstance(self.init_std, bool) \
+                or not 0 < self.init_std < math.inf:
+            raise ValueError(f"init_std={self.init_std!r} must be a positive number")
         _choice("dtype", self.dtype, DTYPES)
         _choice("param_dtype", self.param_dtype, DTYPES)
         _probability("dropout", self.dropout)

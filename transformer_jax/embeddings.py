@@ -2,16 +2,50 @@
 
 RoPE and ALiBi act inside attention (`positional.py`), so for those the
 embedding is the token embedding alone.
+
+Ids are where bad input enters every model, so they are checked here, once
+(`check_ids`): eagerly (concrete ids) an out-of-range word id, token type or
+position raises a ValueError naming the field, as Hugging Face does. Under `jit`
+the values are unknown at trace time: there every lookup maps an id outside its
+table to a NaN row (a zero vector for token types, a wrapped row for negative ids
+before), so the output is NaN, never a plausible wrong answer; and
+`jax.experimental.checkify.checkify(f, errors=checkify.index_checks)` reports the
+offending id of a jitted `f` ("index 2 is out of bounds for axis 0 with size 2").
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from transformer_jax import partitioning as logical, positional
+from transformer_jax import initializers, partitioning as logical, positional
 from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import make_norm
+
+
+def check_ids(field: str, ids, size: int, limit: str) -> None:
+    """ValueError naming `field` if concrete int ids fall outside [0, size); `limit`
+    names the setting that bounds them (e.g. "type_vocab_size=2"). Traced ids (inside
+    `jit`, `eval_shape`) cannot be read and are left to `lookup`'s NaN rows."""
+    try:
+        values = np.asarray(ids)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    bad = (values < 0) | (values >= size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{field} must be in [0, {size}) ({limit}); got {int(values[where])} at index "
+            f"{where} (min {int(values.min())}, max {int(values.max())})")
+
+
+def lookup(table, ids):
+    """Rows `table[ids]` `[..., d]`; an id outside [0, rows) gives a NaN row (jnp.take
+    alone would wrap negative ids), and `checkify.index_checks` flags it."""
+    rows = table.shape[0]
+    ids = jnp.where((ids >= 0) & (ids < rows), ids, rows)
+    return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
 class Embed(nn.Embed):
@@ -41,8 +75,10 @@ class Embed(nn.Embed):
             table = self.embedding
             rows = jnp.matmul(jax.nn.one_hot(inputs, self.num_embeddings, dtype=table.dtype), table,
                               precision=jax.lax.Precision.HIGHEST)
-            return rows.astype(dtype)
-        return jnp.take(self.embedding, inputs, axis=0).astype(dtype)
+            # one_hot of an out-of-range id is all zeros: make that row NaN, as the gather's.
+            nan_if_bad = lookup(jnp.zeros((self.num_embeddings, 1), table.dtype), inputs)
+            return (rows + nan_if_bad).astype(dtype)
+        return lookup(self.embedding, inputs).astype(dtype)
 
 
 class Embeddings(nn.Module):
@@ -58,8 +94,8 @@ class Embeddings(nn.Module):
 
     def setup(self):
         cfg = self.config
-        normal = nn.initializers.normal(cfg.init_std)
-        init = lambda names: logical.param_init(normal, names, cfg.logical_partitioning)
+        table = initializers.embedding_init(cfg.init, cfg.init_std, cfg.d_model)
+        init = lambda names: logical.param_init(table, names, cfg.logical_partitioning)
         self.token = Embed(cfg.padded_vocab_size, cfg.d_model,
                            embedding_init=init((logical.VOCAB, logical.EMBED)),
                            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
@@ -74,7 +110,10 @@ class Embeddings(nn.Module):
         if cfg.embed_combine == "concat":
             # [token ; position] (2 d_model) -> d_model.
             self.combine = nn.Dense(
-                cfg.d_model, kernel_init=init((None, logical.EMBED)), dtype=cfg.compute_dtype,
+                cfg.d_model, dtype=cfg.compute_dtype,
+                kernel_init=logical.param_init(
+                    initializers.kernel_init(cfg.init, cfg.init_std, cfg.d_model),
+                    (None, logical.EMBED), cfg.logical_partitioning),
                 bias_init=logical.param_init(nn.initializers.zeros, (logical.EMBED,),
                                              cfg.logical_partitioning),
                 param_dtype=cfg.params_dtype)
@@ -90,7 +129,7 @@ class Embeddings(nn.Module):
         if cfg.position == "learned":
             return self.position(positions)
         table = positional.sinusoidal_table(cfg.max_len, cfg.d_model)
-        return table[positions].astype(cfg.compute_dtype)
+        return lookup(jnp.asarray(table), positions).astype(cfg.compute_dtype)
 
     def __call__(self, input_ids, token_type_ids=None, positions=None, *, deterministic=True):
         """input_ids `[..., seq]`, token_type_ids `[..., seq]` (None = all 0), positions
@@ -100,6 +139,12 @@ class Embeddings(nn.Module):
         seq = input_ids.shape[-1]
         if positions is None:
             positions = jnp.arange(seq)
+        check_ids("input_ids", input_ids, cfg.vocab_size, f"vocab_size={cfg.vocab_size}")
+        if cfg.position in ("learned", "sinusoidal"):
+            check_ids("positions", positions, cfg.max_len, f"max_len={cfg.max_len}")
+        if self.type_vocab_size and token_type_ids is not None:
+            check_ids("token_type_ids", token_type_ids, self.type_vocab_size,
+                      f"type_vocab_size={self.type_vocab_size}")
         x = self.token(input_ids)
         if cfg.position in ("learned", "sinusoidal"):
             pos = jnp.broadcast_to(self.position_vectors(positions), x.shape)

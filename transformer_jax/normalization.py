@@ -15,10 +15,17 @@ import flax.linen as nn
 def make_norm(norm_type: str, eps: float, dtype, param_dtype, name: str) -> nn.Module:
     """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467)
     over the last axis: `[..., d]` -> `[..., d]`, with scale (and LayerNorm's bias)
-    `[d]`. Flax computes both norms' statistics in float32 for half-precision inputs."""
+    `[d]`. Flax computes both norms' statistics in float32 for half-precision inputs.
+
+    LayerNorm uses the two-pass variance E[(x - E[x])²], not Flax's default one-pass
+    E[x²] - E[x]², which cancels catastrophically when the features share a large
+    offset (float32 error ~ offset² · 2⁻²⁴: 4e-3 at offset 20), so imported checkpoints
+    match PyTorch's LayerNorm, which is two-pass. The extra pass is one more read of x.
+    RMSNorm divides by E[x²] itself, which has no cancellation, so the flag is moot there."""
     if norm_type == "rmsnorm":
         return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        use_fast_variance=False)
 
 
 def has_final_norm(placement: str) -> bool:
@@ -44,11 +51,3 @@ def deepnorm_constants(arch: str, num_encoder_layers: int = 0, num_decoder_layer
         return {"encoder": (0.81 * base, 0.87 / base),
                 "decoder": ((3 * m) ** 0.25, (12 * m) ** -0.25)}
     raise ValueError(f"arch={arch!r} must be 'encoder', 'decoder' or 'encoder_decoder'")
-
-
-def xavier_normal(gain: float = 1.0):
-    """Glorot & Bengio 2010 normal init with a gain, std = gain * sqrt(2 / (fan_in +
-    fan_out)) of a `[fan_in, fan_out]` kernel; DeepNorm scales W_v, W_o and the
-    feed-forward weights by gain=beta."""
-    return nn.initializers.variance_scaling(gain ** 2, "fan_avg", "normal")
-

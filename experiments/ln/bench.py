@@ -17,8 +17,9 @@ import numpy as np
 from experiments.ln import analysis, records
 from experiments.ln.data import load_task_data
 from experiments.ln.gradnorm import measure
-from experiments.ln.presets import Preset, Sweep, model_config
+from experiments.ln.presets import Preset, Sweep, model_config, sweep_config
 from experiments.ln.sweep import RunSpec, group_specs, run_group
+from transformer_jax.training.metrics import model_flops_per_token
 
 # Equality of vmapped and one-by-one runs, in loss (the issue's tolerance).
 CHECK_TOLERANCE = 1e-4
@@ -35,6 +36,35 @@ class Log:
             print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
 
 
+def _flops_per_token(preset, task, placement, layers, width, seq) -> float:
+    config = model_config(preset, task, placement, layers, width, seq)
+    return float(model_flops_per_token(config, config.max_len))
+
+
+def estimate(preset: Preset) -> dict:
+    """Training FLOPs of the whole preset (6 N + attention per token, Kaplan et al.
+    2020; evaluation counted as a third of that) and the compiled programs it
+    needs: what the time estimate printed at start is made of."""
+    g, flops, programs = preset.gradnorm, 0.0, 0
+    for placement in g.placements:
+        for depth in g.depths:
+            per_token = _flops_per_token(preset, g.task, placement, depth, g.width, None)
+            flops += per_token * len(g.seeds) * g.batches * g.batch_size * (preset.seq_len + 1)
+            programs += 1
+    for s in preset.sweeps:
+        seq = (s.seq_len or preset.seq_len) + (1 if s.task == "seq2seq" else 0)
+        runs = s.runs_per_group * len(s.placements) + s.check_runs
+        evals = s.steps // s.eval_every + 1
+        for placement in s.placements:
+            per_token = _flops_per_token(preset, s.task, placement, s.num_layers, s.width,
+                                         s.seq_len)
+            tokens = s.batch_size * seq * (s.steps + evals * s.eval_batches / 3)
+            flops += per_token * tokens * runs / len(s.placements)
+        programs += len(s.placements) + (1 if s.check_runs else 0)
+    return {"flops": flops, "programs": programs,
+            "seconds": flops / preset.device_flops + programs * preset.compile_s}
+
+
 def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> None:
     study = preset.gradnorm
     fp = preset.fingerprint(study)
@@ -44,8 +74,8 @@ def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> No
         log("gradient norms at init: all records present, skipped")
         return
     data = load_task_data(preset, study.task, cache_dir)
-    batches = [data.train.batch(0, study.batch_size, seed=s) for s in study.seeds]
-    batches = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    # {field: [seeds, batches, batch, ...]}: each seed's own stream of mini-batches.
+    batches = data.train_batches(study.seeds, study.batches, study.batch_size)
     for i, (placement, depth) in enumerate(todo):
         rows = measure(preset, study, placement, depth, batches)
         records.append(out_dir, records.GRADNORM, [{"fingerprint": fp, **r} for r in rows])
@@ -76,7 +106,7 @@ def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log:
     if not todo and not checks:
         log(f"sweep {sweep.task}: all records present, skipped")
         return
-    data = load_task_data(preset, sweep.task, cache_dir)
+    data = load_task_data(preset, sweep.task, cache_dir, sweep.seq_len)
     train = data.train_batches(sweep.seeds, sweep.steps, sweep.batch_size)
     valid = data.valid_batches(sweep.eval_batches, sweep.batch_size)
     unigram = analysis.unigram_loss(sweep.task, train, valid, data.vocab_size)
@@ -93,7 +123,7 @@ def _run_placement(preset, sweep, placement, train, valid, log, record=None):
     `sweep.max_vmap` runs); `record(specs, result)` after each.
     -> {run_id: (GroupResult, index in it)}."""
     specs = group_specs(sweep, placement)
-    config = model_config(preset, sweep.task, placement, sweep.num_layers, sweep.width)
+    config = sweep_config(preset, sweep, placement)
     size = sweep.max_vmap or len(specs)
     found = {}
     for start in range(0, len(specs), size):
@@ -129,7 +159,7 @@ def _run_checks(preset, sweep, checks, train, valid, batched, out_dir, log):
     """Re-run `checks` one by one (reusing one compiled unbatched program) and compare
     with the vmapped runs' curves (`batched`: run_id -> (GroupResult, index))."""
     fp, placement = preset.fingerprint(sweep), checks[0].placement
-    config = model_config(preset, sweep.task, placement, sweep.num_layers, sweep.width)
+    config = sweep_config(preset, sweep, placement)
     if any(s.run_id not in batched for s in checks):
         # Resumed after the group was recorded: redo it (quietly) for the comparison.
         log(f"check: the vmapped runs of {sweep.task}/{placement} again, for the comparison")

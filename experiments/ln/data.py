@@ -13,8 +13,8 @@ import os
 import numpy as np
 
 from experiments.ln.presets import TASKS, Preset
-from transformer_jax.data import (BertDataConfig, ExampleDataset, GPTDataConfig, make_datasets,
-                                  stdlib_corpus)
+from transformer_jax.data import (BertDataConfig, ExampleDataset, GPTDataConfig,
+                                  TranslationDataConfig, make_datasets, stdlib_corpus)
 
 
 @dataclasses.dataclass
@@ -43,16 +43,25 @@ def _corpus(max_chars):
     return stdlib_corpus(max_chars=max_chars)
 
 
-def load_task_data(preset: Preset, task: str, cache_dir: str | os.PathLike) -> TaskData:
-    """Tokenizer trained offline on the stdlib corpus (cached in `cache_dir`), datasets
-    at the preset's sequence length; the model vocabulary is the preset's."""
-    kind, seq, vocab = TASKS[task][1], preset.seq_len, preset.vocab_size
-    # BERT masks 15% of the tokens (Devlin et al. 2018): room for seq / 6 predictions.
-    config = (BertDataConfig(max_len=seq, max_predictions_per_seq=max(2, seq // 6))
-              if kind == "bert" else GPTDataConfig(seq_len=seq))
-    tokenizer, train, valid = make_datasets(kind, _corpus(preset.corpus_chars), config,
-                                            vocab_size=vocab, model_vocab_size=vocab,
-                                            cache_dir=cache_dir)
+def _data_config(kind: str, seq: int):
+    if kind == "bert":
+        # BERT masks 15% of the tokens (Devlin et al. 2018): room for seq / 6 predictions.
+        return BertDataConfig(max_len=seq, max_predictions_per_seq=max(2, seq // 6))
+    if kind == "gpt":
+        return GPTDataConfig(seq_len=seq)
+    # Word-level "translation" (`transformer_jax.data.seq2seq`): a fixed vocabulary map
+    # with local reordering, so the decoder needs cross-attention to every source word.
+    return TranslationDataConfig(max_source_len=seq, min_source_len=max(1, seq // 2))
+
+
+def load_task_data(preset: Preset, task: str, cache_dir: str | os.PathLike,
+                   seq_len: int | None = None) -> TaskData:
+    """Tokenizer trained offline on the default corpus (cached in `cache_dir`), datasets
+    at `seq_len` (default: the preset's); the model vocabulary is the preset's."""
+    kind, seq, vocab = TASKS[task][1], seq_len or preset.seq_len, preset.vocab_size
+    tokenizer, train, valid = make_datasets(kind, _corpus(preset.corpus_chars),
+                                            _data_config(kind, seq), vocab_size=vocab,
+                                            model_vocab_size=vocab, cache_dir=cache_dir)
     size = tokenizer.vocab_info().size
     if size > vocab:
         raise ValueError(f"tokenizer vocabulary {size} exceeds the preset's vocab_size={vocab}")

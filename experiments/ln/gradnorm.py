@@ -1,18 +1,22 @@
 """Gradient norms at initialization, per layer (Xiong et al. 2020, arXiv 2002.04745).
 
 Their Theorem 1 (sec. 3.3): for the last layer's FFN weights, post-LN's gradient
-norm is O(d sqrt(ln d)) whatever the depth L, pre-LN's O(d sqrt(ln d / L)); their
-Fig. 3 shows post-LN's W^(2) gradient growing towards the top of the stack and
-pre-LN's staying flat. Here, for every (placement, depth, seed): a fresh model
-from that seed, one real batch of that data seed, one gradient, and per layer the
-Frobenius norms of W^(2) (`mlp/down`), W^(1) (`mlp/up`) and of all attention
-kernels together.
+norm is O(d sqrt(ln d)) whatever the depth L, pre-LN's O(d sqrt(ln d / L)). Their
+Fig. 3 measures it on a 6-6 encoder-decoder with Xavier init: for each layer's
+FFN W2, the gradient averaged over mini-batches, then its Frobenius norm (the
+norm of the *expected* gradient, which their theory bounds); post-LN's grows
+toward the top, pre-LN's stays flat.
 
-The gradient is taken eagerly, op by op, unless `study.eager` is False: compiling a
-deep unrolled model costs tens of seconds per (placement, depth) on a CPU, more
-than running it once, while eager primitives are compiled once (~20 s for all)
-and reused across layers, depths and placements. For 1-2 layer models compiling
-is the cheaper of the two.
+Here, for every (placement, depth, seed): a fresh model from that seed (the
+study's `init`), `study.batches` real mini-batches of that data seed, their mean
+gradient, and per layer the Frobenius norms of W^(2) (`mlp/down`), W^(1)
+(`mlp/up`) and of all attention kernels together. Layers are listed bottom to top
+per stack: an encoder-decoder's record lists the encoder's layers, then the
+decoder's (`stacks`), so the last entry is the layer next to the output.
+
+Initialisation and gradients are one compiled program per (placement, depth), the
+seeds vmapped and the layers scanned (`scan_layers`): one compiled layer whatever
+the depth, so a 24-24 model compiles about as fast as a 1-1 one.
 """
 from __future__ import annotations
 
@@ -24,52 +28,63 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.ln.presets import GradNormStudy, Preset, model_config
-from experiments.ln.sweep import cached_model, init_params
+from experiments.ln.sweep import cached_model
+from transformer_jax.stacks import unstack_layers
 from transformer_jax.training import compute_grads, get_task
 
-_PARAM = re.compile(r".*/layer_(\d+)/(?:(mlp)/(up|down)|(?:self_)?attention/\w+)/kernel")
+_PARAM = re.compile(r"(?:(encoder|decoder)/)?layer_(\d+)/"
+                    r"(?:(mlp)/(up|down)|(?:self_|cross_)?attention/\w+)/kernel")
 GROUPS = ("w2", "w1", "attention")     # mlp/down, mlp/up, attention kernels
+# The stacks of each task's model, bottom to top (BERT is an encoder, GPT a decoder;
+# their parameter trees have no stack prefix).
+STACKS = {"mlm": ("encoder",), "lm": ("decoder",), "seq2seq": ("encoder", "decoder")}
 
 
-def layer_grad_norms(grads, num_layers: int) -> dict[str, list[float]]:
-    """{group: [norm of layer 0, ..., layer L-1]} of a gradient tree (BERT or GPT)."""
-    squares = {g: np.zeros(num_layers) for g in GROUPS}
+def layer_grad_norms(grads, task: str, num_layers: int) -> dict[str, list[float]]:
+    """{group: [norm per layer, bottom to top, stack after stack]} of an unscanned
+    gradient tree of `task`'s model with `num_layers` layers per stack."""
+    stacks = STACKS[task]
+    squares = {g: np.zeros(num_layers * len(stacks)) for g in GROUPS}
     for path, leaf in traverse_util.flatten_dict(grads, sep="/").items():
-        match = _PARAM.fullmatch(path)
+        match = _PARAM.search(path)
         if match is None:
             continue
-        layer, mlp, which = int(match.group(1)), match.group(2), match.group(3)
+        stack, layer, mlp, which = match.groups()
+        index = (stacks.index(stack) if stack else 0) * num_layers + int(layer)
         group = "attention" if mlp is None else ("w2" if which == "down" else "w1")
-        squares[group][layer] += float(jnp.sum(jnp.square(leaf)))
+        squares[group][index] += float(jnp.sum(jnp.square(leaf)))
     return {g: np.sqrt(s).tolist() for g, s in squares.items()}
 
 
 def measure(preset: Preset, study: GradNormStudy, placement: str, depth: int,
             batches: dict) -> list[dict]:
-    """One record per seed of `study.seeds`: per-layer norms and the loss of a fresh
-    model from that seed on that seed's batch (`batches`: {field: [seeds, batch, ...]}).
-    The seeds are vmapped: eagerly, one dispatch per op for all of them; or jitted,
-    with parameters from the sweep's eager `init_params` (compiled init is slow)."""
-    config = model_config(preset, study.task, placement, depth, study.width)
-    apply, task = cached_model(config).apply, get_task(study.task)
-    keys = [jax.random.PRNGKey(s) for s in study.seeds]
+    """One record per seed of `study.seeds`: per-layer norms of the mean gradient of a
+    fresh model from that seed over that seed's batches (`batches`: {field: [seeds,
+    study.batches, batch, ...]}), and the mean loss. Seeds are vmapped, batches
+    scanned, in one compiled program per (placement, depth)."""
+    config = model_config(preset, study.task, placement, depth, study.width).replace(
+        scan_layers=True)
+    model, task = cached_model(config), get_task(study.task)
+    args, kwargs = task.inputs(task.example_batch(config, 1, config.max_len))
 
-    def grads_of(params, batch):
-        loss, _, grads = compute_grads(apply, params, batch, None, task)
-        return loss, grads
+    def mean_grad(key, seed_batches):
+        params = model.init(key, *args, **kwargs, deterministic=True)["params"]
 
-    if study.eager:
-        fn = jax.vmap(lambda key, batch: grads_of(init_params(config, study.task, key), batch))
-        losses, grads = fn(jnp.stack(keys), batches)
-    else:
-        params = [init_params(config, study.task, key) for key in keys]
-        params = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
-        losses, grads = jax.jit(jax.vmap(grads_of))(params, batches)
+        def add(total, batch):
+            loss, _, grads = compute_grads(model.apply, params, batch, None, task)
+            return jax.tree.map(jnp.add, total, (loss, grads)), None
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zero, seed_batches)
+        return jax.tree.map(lambda x: x / study.batches, (loss, grads))
+
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in study.seeds])
+    losses, grads = jax.device_get(jax.jit(jax.vmap(mean_grad))(keys, batches))
     records = []
     for i, seed in enumerate(study.seeds):
-        g = jax.tree.map(lambda x: x[i], grads)
-        total = float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g))))
+        g = unstack_layers(jax.tree.map(lambda x: x[i], grads))
+        total = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g))))
         records.append({"placement": placement, "depth": depth, "seed": seed,
+                        "stacks": list(STACKS[study.task]), "batches": study.batches,
                         "loss": float(losses[i]), "grad_norm": total,
-                        **layer_grad_norms(g, depth)})
+                        **layer_grad_norms(g, study.task, depth)})
     return records

@@ -30,34 +30,37 @@ def _save(fig, path: Path) -> str:
 
 
 def gradnorm_layers(rows: list[dict], path: Path) -> str:
+    """One panel per (stack, placement): |mean dL/dW2| per layer, one line per depth."""
     placements = list(dict.fromkeys(r["placement"] for r in rows))
     depths = sorted({r["depth"] for r in rows})
-    groups = (("w2", "|dL/dW2| (mlp/down)"), ("attention", "|dL/dW| attention"))
-    fig, axes = plt.subplots(len(groups), len(placements), squeeze=False, sharey="row",
-                             figsize=(3.2 * len(placements), 3.0 * len(groups)))
+    stacks = rows[0].get("stacks", ["stack"])
+    fig, axes = plt.subplots(len(stacks), len(placements), squeeze=False, sharey=True,
+                             figsize=(3.2 * len(placements), 3.0 * len(stacks)))
     cmap = plt.get_cmap("viridis")
     for col, placement in enumerate(placements):
-        for row, (group, label) in enumerate(groups):
+        for row, stack in enumerate(stacks):
             ax = axes[row][col]
             for k, depth in enumerate(depths):
-                norms = np.array([r[group] for r in rows
+                norms = np.array([r["w2"][row * depth:(row + 1) * depth] for r in rows
                                   if r["placement"] == placement and r["depth"] == depth])
                 if not norms.size:
                     continue
-                x = np.arange(1, depth + 1)
+                x = np.arange(1, depth + 1) / depth
                 color = cmap(k / max(1, len(depths) - 1))
-                ax.plot(x, norms.mean(0), color=color, label=f"L={depth}")
+                ax.plot(x, norms.mean(0), color=color, marker="." if depth <= 12 else None,
+                        label=f"L={depth}")
                 ax.fill_between(x, norms.min(0), norms.max(0), color=color, alpha=0.15)
             ax.set_yscale("log")
-            ax.grid(alpha=0.3)
+            ax.grid(alpha=0.3, which="both")
             if row == 0:
                 ax.set_title(f"{placement}-LN" if placement in ("post", "pre") else placement)
-            if row == len(groups) - 1:
-                ax.set_xlabel("layer index (1 = bottom)")
+            if row == len(stacks) - 1:
+                ax.set_xlabel("layer / L (bottom -> top)")
             if col == 0:
-                ax.set_ylabel(label)
+                ax.set_ylabel(f"{stack}: |mean dL/dW2|")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Gradient norm per layer at initialization (mean, min-max over seeds)", y=1.02)
+    fig.suptitle("FFN W2 gradient per layer at initialization (gradient averaged over "
+                 "mini-batches, then norm; mean, min-max over seeds)", y=1.02)
     return _save(fig, path)
 
 
@@ -80,7 +83,7 @@ def gradnorm_depth(rows: list[dict], path: Path) -> str:
     ax.set_xticks(depths, [str(d) for d in depths])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("number of layers L")
-    ax.set_ylabel("last layer |dL/dW2| at init")
+    ax.set_ylabel("last layer |mean dL/dW2| at init")
     ax.set_title("Last-layer FFN gradient norm vs depth")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
@@ -107,7 +110,7 @@ def loss_curves(runs: list[dict], task: str, path: Path) -> str:
                     ax.plot(steps, curve, alpha=0.25, linewidth=0.8, **style)
                 ax.plot(steps, np.nanmean(curves, 0), linewidth=1.8,
                         label=f"{placement}-LN, warm-up {wu}", **style)
-        ax.axhline(t_runs[0]["unigram_loss"], color="gray", linewidth=0.8, linestyle=":",
+        ax.axhline(t_runs[0]["unigram_loss"], color="black", linewidth=1.0, linestyle=":",
                    label="unigram baseline")
         ax.set_title(f"{task}: peak lr {lr:g}")
         ax.set_xlabel("step")
@@ -116,7 +119,7 @@ def loss_curves(runs: list[dict], task: str, path: Path) -> str:
     if finals:   # the initial loss and the baseline in view; blow-ups clipped
         low = min(min(finals), t_runs[0]["unigram_loss"])
         axes[0][0].set_ylim(low - 0.1, t_runs[0]["initial_val_loss"] + 0.3)
-    axes[0][0].set_ylabel("validation loss")
+    axes[0][0].set_ylabel("validation MLM loss" if task == "mlm" else "validation loss")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{task}: validation loss (thick: mean over seeds, thin: each seed)", y=1.03)
     return _save(fig, path)

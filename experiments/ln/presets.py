@@ -1,8 +1,9 @@
 """Presets of the LN-stability benchmark (Xiong et al. 2020, arXiv 2002.04745).
 
 A preset fixes the data, the gradient-norm study and one training grid per task.
-`quick` is the README's command (2 CPU cores, offline, minutes), `paper` is sized
-for an accelerator (defined, not run here), `micro` runs in seconds for the tests.
+`quick` is the README's command (2 CPU cores, offline, minutes), `gpu` fills
+about ten minutes of one H100/H200 or a TPU v5e, `paper` is the paper's scale
+(defined, not run here), `micro` runs in seconds for the tests.
 
 Placements are named as in the report: the four residual placements of
 `transformer_jax.normalization` plus "pre-rms" (pre-LN with RMSNorm, Zhang &
@@ -14,7 +15,9 @@ import dataclasses
 import hashlib
 import json
 
+from transformer_jax.initializers import INIT_SCHEMES
 from transformer_jax.models import get_config
+from transformer_jax.training.schedules import SCHEDULES
 
 # report name -> config fields
 PLACEMENTS: dict[str, dict] = {
@@ -24,8 +27,9 @@ PLACEMENTS: dict[str, dict] = {
     "deepnorm": {"norm_placement": "deepnorm"},
     "pre-rms": {"norm_placement": "pre", "norm_type": "rmsnorm"},
 }
-# task (training objective) -> (model preset, data pipeline)
-TASKS = {"mlm": ("bert-tiny", "bert"), "lm": ("gpt-tiny", "gpt")}
+# task (training objective, `transformer_jax.training.TASKS`) -> (model preset, data)
+TASKS = {"mlm": ("bert-tiny", "bert"), "lm": ("gpt-tiny", "gpt"),
+         "seq2seq": ("transformer-tiny", "translation")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +37,16 @@ class Width:
     d_model: int = 32
     num_heads: int = 2
     d_ff: int = 128
-    # BERT's N(0, 0.02^2) (Devlin et al. 2018) by default. Xiong et al.'s analysis
-    # assumes Xavier-scale weights, std ~ 1/sqrt(d) (their sec. 3.3).
+    # `TransformerConfig.init`: "normal" = N(0, init_std^2) for every matrix (BERT's
+    # 0.02, Devlin et al. 2018); "xavier" = per matrix N(0, 2 / (fan_in + fan_out)),
+    # the initialisation Xiong et al. analyse and train with (their sec. 3.2).
     init_std: float = 0.02
+    init: str = "normal"
+
+    def __post_init__(self):
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"Width.init={self.init!r} is not valid; choose one of "
+                             f"{', '.join(INIT_SCHEMES)}")
 
 
 def _check_names(owner: str, task: str, placements) -> None:
@@ -48,46 +59,46 @@ def _check_names(owner: str, task: str, placements) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GradNormStudy:
-    """Gradients at initialization (Xiong et al. 2020, sec. 3.3 and Fig. 3)."""
-    # Xavier scale, std = 1/sqrt(d) (one std for every matrix: the library's init),
-    # as their analysis assumes; BERT's 0.02 at this width gives near-identical
-    # post-LN and pre-LN gradients (the residual branches are too small to matter).
-    width: Width = Width(d_model=64, num_heads=4, d_ff=256, init_std=0.125)
-    task: str = "mlm"
+    """Gradients at initialization as Xiong et al. 2020's Fig. 3 measures them: per
+    layer, the FFN W2 gradient averaged over `batches` mini-batches, then its
+    Frobenius norm; per seed a fresh model. Their Fig. 3 is an encoder-decoder
+    (IWSLT14 De-En, 6-6 layers, d 512, FFN 1024, 4 heads) with Xavier init."""
+    width: Width = Width(d_model=64, num_heads=4, d_ff=128, init="xavier")
+    task: str = "seq2seq"
     placements: tuple[str, ...] = tuple(PLACEMENTS)
-    depths: tuple[int, ...] = (6, 12, 24)
+    depths: tuple[int, ...] = (6, 12, 24)   # per stack: 6 = 6-6 layers for seq2seq
     seeds: tuple[int, ...] = (0, 1, 2)
-    batch_size: int = 8
-    eager: bool = True    # op by op (deep models) or jitted per (placement, depth)
+    batch_size: int = 16
+    batches: int = 8      # mini-batches whose gradients are averaged (per seed)
+    eager: bool = False   # unused since layers are scanned (kept for old notebooks)
 
     def __post_init__(self):
         _check_names("GradNormStudy", self.task, self.placements)
+        if self.batches < 1 or self.batch_size < 1:
+            raise ValueError(f"GradNormStudy.batches={self.batches!r} and batch_size="
+                             f"{self.batch_size!r} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
     """The training grid of one task: every placement is one vmapped program over
-    peak_lrs x warmups x seeds.
-
-    The defaults are the quick preset's, found by trial on 2 CPU cores: 6 layers of
-    width 32 keep a (task, placement) near a minute. With BERT's init std 0.02 (with
-    0.1, 12-layer post-LN stayed on the unigram plateau at every lr in 3e-3..3e-2,
-    with and without warm-up), lr 1e-3 trains every run, 3e-3 separates post-LN
-    without warm-up from the rest, 1e-2 breaks post-LN even with warm-up."""
+    peak_lrs x warmups x seeds (see docs/ln_experiment.md for how each preset's
+    grid was chosen)."""
     task: str
     width: Width = Width()
     placements: tuple[str, ...] = ("post", "pre")
-    num_layers: int = 6
+    num_layers: int = 6           # per stack (encoder and decoder for seq2seq)
     peak_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    # 0 and a nominal warm-up, here 40% of the run: with 20% (60 of 300 steps) post-LN
-    # at lr 3e-3 still stayed on the unigram plateau for 1 seed in 3 (quick preset).
     warmups: tuple[int, ...] = (0, 120)
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 300
     batch_size: int = 16
     eval_every: int = 30
     eval_batches: int = 4
-    decay: str = "linear"         # after warm-up: "linear" (to 0 at `steps`) or "constant"
+    # After warm-up (`transformer_jax.training.schedules`): "linear" (to 0 at `steps`,
+    # BERT, Devlin et al. 2018), "constant", "cosine" or "rsqrt" (inverse square root,
+    # Vaswani et al. 2017, the schedule of Xiong et al.'s translation runs).
+    decay: str = "linear"
     # Adam as in Xiong et al. 2020's translation runs (and Vaswani et al. 2017):
     # beta2 = 0.98; no gradient clipping, so the optimizer alone decides whether a
     # run survives.
@@ -95,6 +106,10 @@ class Sweep:
     b2: float = 0.98
     eps: float = 1e-8
     weight_decay: float = 0.01
+    seq_len: int | None = None    # None = the preset's
+    # Layers as one `nn.scan` (`TransformerConfig.scan_layers`): one compiled layer, so
+    # deep models compile in seconds (the accelerator presets); same function.
+    scan_layers: bool = False
     # Runs re-done one by one with the same seeds (the vmap equality check and the
     # speed-up baseline), from the first placement's grid; 0 = no check.
     check_runs: int = 0
@@ -107,12 +122,15 @@ class Sweep:
         if self.check_runs < 0 or (self.max_vmap is not None and self.max_vmap < 1):
             raise ValueError(f"Sweep.check_runs={self.check_runs!r} must be >= 0 and "
                              f"max_vmap={self.max_vmap!r} None or >= 1")
-        if self.decay not in ("linear", "constant"):
+        if self.decay not in SCHEDULES:
             raise ValueError(f"Sweep.decay={self.decay!r} is not valid; "
-                             "choose 'linear' or 'constant'")
+                             f"choose one of {', '.join(SCHEDULES)}")
         if self.steps % self.eval_every:
             raise ValueError(f"Sweep.steps={self.steps} must be a multiple of "
                              f"eval_every={self.eval_every}")
+        if any(w >= self.steps for w in self.warmups):
+            raise ValueError(f"Sweep.warmups={self.warmups} must be shorter than "
+                             f"steps={self.steps}")
 
     @property
     def runs_per_group(self) -> int:
@@ -126,7 +144,13 @@ class Preset:
     sweeps: tuple[Sweep, ...]
     seq_len: int = 32
     vocab_size: int = 512
-    corpus_chars: int | None = 400_000   # stdlib docstrings; None = all (~1.5M)
+    corpus_chars: int | None = 400_000   # of the default corpus; None = all
+    # The intended device and its assumed sustained FLOP/s on these small models, for
+    # the time estimate printed at start (`bench.estimate`).
+    device: str = "2 CPU cores"
+    # 2 cores x ~25-30 GFLOP/s each, measured on the quick preset's programs.
+    device_flops: float = 50e9
+    compile_s: float = 15.0       # assumed seconds per XLA compilation there
 
     def fingerprint(self, part) -> str:
         """Hash of the settings a record depends on (the data and `part`, a study or
@@ -135,14 +159,55 @@ class Preset:
                            dataclasses.asdict(part)], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def with_seeds(self, seeds: tuple[int, ...]) -> "Preset":
+        """The same preset with another seed set (the check that verdicts do not depend
+        on the seeds they were tuned on): a study or sweep of n seeds takes the first
+        n of `seeds`, so every grid keeps its size."""
+        seeds = tuple(seeds)
+        need = max(len(p.seeds) for p in (self.gradnorm, *self.sweeps))
+        if len(seeds) < need or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+            raise ValueError(f"seeds={seeds!r} must be at least {need} distinct non-negative "
+                             f"integers for preset {self.name!r}")
+        first = lambda part: dataclasses.replace(part, seeds=seeds[:len(part.seeds)])
+        return dataclasses.replace(self, gradnorm=first(self.gradnorm),
+                                   sweeps=tuple(map(first, self.sweeps)))
+
+
+def model_config(preset: Preset, task: str, placement: str, num_layers: int, width: Width,
+                 seq_len: int | None = None):
+    """The model of `task` ("mlm" = BERT, "lm" = GPT, "seq2seq" = encoder-decoder with
+    `num_layers` layers per stack) with `placement`, dropout off (Xiong et al.'s
+    effect does not need it, and it would cost CPU time)."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is unknown; valid: {', '.join(TASKS)}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r} is unknown; valid: {', '.join(PLACEMENTS)}")
+    extra = {"num_decoder_layers": num_layers} if task == "seq2seq" else {}
+    # A seq2seq target is one token longer than its source (BOS / EOS).
+    max_len = (seq_len or preset.seq_len) + (1 if task == "seq2seq" else 0)
+    return get_config(TASKS[task][0], num_layers=num_layers, d_model=width.d_model,
+                      num_heads=width.num_heads, d_ff=width.d_ff, max_len=max_len,
+                      vocab_size=preset.vocab_size, dropout=0.0, attention_dropout=0.0,
+                      init_std=width.init_std, init=width.init, **extra,
+                      **PLACEMENTS[placement])
+
+
+
+def sweep_config(preset: Preset, sweep: Sweep, placement: str):
+    """The model every run of `sweep` with `placement` trains."""
+    return model_config(preset, sweep.task, placement, sweep.num_layers, sweep.width,
+                        sweep.seq_len).replace(scan_layers=sweep.scan_layers)
+
 
 _MICRO_WIDTH = Width(d_model=16, num_heads=2, d_ff=32)
+# Xiong et al.'s translation model (their sec. 4.1, Fig. 3: IWSLT14 De-En, d 512, FFN
+# 1024, 4 heads) with Xavier init, and their optimizer: Adam (0.9, 0.98), inverse
+# square root decay after warm-up, lr_max 5e-4 or 1e-3, warm-up T in {1, 500, 4000}.
+_PAPER_MT = Width(d_model=512, num_heads=4, d_ff=1024, init="xavier")
 # BERT-base / GPT-2-small widths (Devlin et al. 2018; Radford et al. 2019) with
-# Xiong et al.'s BERT learning rates (post-LN 1e-4 with warm-up; 3e-4 diverged).
+# BERT's init; Xiong et al.'s BERT learning rates: post-LN 1e-4 with warm-up (3e-4
+# diverged), pre-LN 3e-4 without; BERT's Adam b2 0.999 and linear decay.
 _BASE_WIDTH = Width(d_model=768, num_heads=12, d_ff=3072, init_std=0.02)
-# 2 tasks x 2 placements x 18 runs of 20k steps: about a day of one H100 (a
-# BERT-base step of 128 x 128 tokens takes ~0.05-0.1 s there), 3 runs per program;
-# Adam b2 0.999 as BERT (Devlin et al. 2018), which Xiong et al.'s BERT runs follow.
 _PAPER_SWEEP = dict(width=_BASE_WIDTH, num_layers=12, peak_lrs=(1e-4, 3e-4, 1e-3),
                     warmups=(0, 2000), steps=20_000, batch_size=128, eval_every=500,
                     eval_batches=20, b2=0.999, check_runs=2, max_vmap=3)
@@ -150,27 +215,67 @@ _PAPER_SWEEP = dict(width=_BASE_WIDTH, num_layers=12, peak_lrs=(1e-4, 3e-4, 1e-3
 PRESETS: dict[str, Preset] = {
     "micro": Preset(
         "micro",
-        # GPT only, every program as small as it gets, one placement in the sweep: XLA
-        # compilations (seconds each on a CPU) are most of the time here.
-        GradNormStudy(width=_MICRO_WIDTH, task="lm", placements=("post", "pre"), depths=(1, 2),
-                      seeds=(0, 1), batch_size=2, eager=False),
+        # Every task, every program as small as it gets: XLA compilations (seconds
+        # each on a CPU) are most of the time here.
+        GradNormStudy(width=Width(d_model=16, num_heads=2, d_ff=32, init="xavier"),
+                      placements=("post", "pre"), depths=(1, 2), seeds=(0, 1),
+                      batch_size=2, batches=2),
         (Sweep("lm", width=_MICRO_WIDTH, placements=("post",), num_layers=1,
                peak_lrs=(1e-3, 1e-2), warmups=(0, 4), seeds=(0, 1), steps=8, batch_size=4,
-               eval_every=4, eval_batches=1, check_runs=2),),
+               eval_every=4, eval_batches=1, check_runs=2),
+         Sweep("mlm", width=_MICRO_WIDTH, placements=("post",), num_layers=1,
+               peak_lrs=(1e-3,), warmups=(0, 4), seeds=(0,), steps=8, batch_size=4,
+               eval_every=4, eval_batches=1),
+         Sweep("seq2seq", width=_MICRO_WIDTH, placements=("post",), num_layers=1,
+               peak_lrs=(1e-3,), warmups=(0, 4), seeds=(0,), steps=8, batch_size=4,
+               eval_every=4, eval_batches=1, decay="rsqrt")),
         seq_len=16, vocab_size=320, corpus_chars=150_000),
+    # The README's command: 2 CPU cores, offline, <= 10 minutes (see docs/ln_experiment.md
+    # for how each grid was found). Translation decides claims 2a/2b, BERT claim 3.
     "quick": Preset(
-        "quick", GradNormStudy(),
-        (Sweep("lm", check_runs=3),
-         # MLM sees ~6x fewer targets per step than LM and must learn attention to
-         # beat the unigram baseline: within a CPU budget no run leaves that plateau
-         # (tried: 300 steps at lr <= 1e-2, 100 steps at lr <= 0.1), so its grid is shorter.
-         Sweep("mlm", steps=100, eval_every=20, warmups=(0, 40)))),
+        "quick",
+        GradNormStudy(placements=("post", "pre")),
+        (Sweep("seq2seq", width=Width(d_model=64, num_heads=4, d_ff=128, init="xavier"),
+               num_layers=3, peak_lrs=(5e-4, 1e-3), warmups=(0, 30, 120), seeds=(0, 1),
+               steps=300, batch_size=32, eval_every=30, eval_batches=4, decay="rsqrt",
+               seq_len=12, check_runs=2),
+         # BERT's init and b2 0.98 as the other legs; one seed (the cost of a run that
+         # leaves the unigram plateau is ~40 CPU-s).
+         Sweep("mlm", width=Width(d_model=128, num_heads=2, d_ff=512), num_layers=2,
+               peak_lrs=(2e-3, 6e-3), warmups=(0, 100), seeds=(0,), steps=600,
+               batch_size=32, eval_every=60, eval_batches=4)),
+        seq_len=32, vocab_size=512, corpus_chars=400_000),
+    # About ten minutes of one H100/H200 or TPU v5e: the paper's translation model,
+    # 12-layer BERT and GPT at width 256, seq 128, thousands of steps, every task.
+    "gpu": Preset(
+        "gpu",
+        GradNormStudy(width=_PAPER_MT, depths=(6, 24), seeds=tuple(range(10)),
+                      batch_size=16, batches=8),
+        (Sweep("seq2seq", width=_PAPER_MT, num_layers=6, peak_lrs=(5e-4, 1e-3),
+               warmups=(0, 100, 400), seeds=(0, 1), steps=1200, batch_size=32,
+               eval_every=100, eval_batches=8, decay="rsqrt", seq_len=24, check_runs=1,
+               scan_layers=True),
+         Sweep("mlm", width=Width(d_model=256, num_heads=4, d_ff=1024), num_layers=12,
+               peak_lrs=(5e-4, 1e-3, 2e-3), warmups=(0, 300), seeds=(0,), steps=1200,
+               batch_size=32, eval_every=100, eval_batches=8, scan_layers=True),
+         Sweep("lm", width=Width(d_model=256, num_heads=4, d_ff=1024), num_layers=12,
+               peak_lrs=(1e-3, 3e-3), warmups=(0, 300), seeds=(0,), steps=1000,
+               batch_size=32, eval_every=100, eval_batches=8, scan_layers=True)),
+        seq_len=128, vocab_size=8192, corpus_chars=None,
+        # A third of the rate measured for bf16 BERT-base on an H100 (120 TFLOP/s,
+        # experiments/results/throughput): these programs are float32 and narrower.
+        device="one H100/H200 or TPU v5e", device_flops=40e12, compile_s=15.0),
+    # The paper's scale: about a day of one H100 (defined, not run here).
     "paper": Preset(
         "paper",
-        GradNormStudy(width=Width(d_model=512, num_heads=8, d_ff=2048, init_std=512 ** -0.5),
-                      depths=(6, 12, 24, 48), seeds=(0, 1, 2, 3, 4), batch_size=32),
-        (Sweep("mlm", **_PAPER_SWEEP), Sweep("lm", **_PAPER_SWEEP)),
-        seq_len=128, vocab_size=30522, corpus_chars=None),
+        GradNormStudy(width=_PAPER_MT, depths=(6, 8, 10, 12, 14, 24), seeds=tuple(range(10)),
+                      batch_size=64, batches=32),
+        (Sweep("seq2seq", width=_PAPER_MT, num_layers=6, peak_lrs=(5e-4, 1e-3),
+               warmups=(0, 500, 4000), seeds=(0, 1, 2), steps=50_000, batch_size=128,
+               eval_every=1000, eval_batches=20, decay="rsqrt", seq_len=64, max_vmap=6),
+         Sweep("mlm", **_PAPER_SWEEP), Sweep("lm", **_PAPER_SWEEP)),
+        seq_len=128, vocab_size=30522, corpus_chars=None,
+        device="one H100", device_flops=100e12, compile_s=60.0),
 }
 
 
@@ -178,16 +283,3 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown; valid: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def model_config(preset: Preset, task: str, placement: str, num_layers: int, width: Width):
-    """The model of `task` ("mlm" = BERT, "lm" = GPT) with `placement`, dropout off
-    (Xiong et al.'s effect does not need it, and it would cost CPU time)."""
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is unknown; valid: {', '.join(TASKS)}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement={placement!r} is unknown; valid: {', '.join(PLACEMENTS)}")
-    return get_config(TASKS[task][0], num_layers=num_layers, d_model=width.d_model,
-                      num_heads=width.num_heads, d_ff=width.d_ff, max_len=preset.seq_len,
-                      vocab_size=preset.vocab_size, dropout=0.0, attention_dropout=0.0,
-                      init_std=width.init_std, **PLACEMENTS[placement])

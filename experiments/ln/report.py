@@ -16,9 +16,11 @@ from experiments.ln import plots, records, verdicts
 from experiments.ln.analysis import PLATEAU_MARGIN, SPIKE_FACTOR, SPIKE_WINDOW, steps_to_target
 from experiments.ln.bench import CHECK_TOLERANCE
 from experiments.ln.presets import Preset
+from experiments.ln.verdicts import TASK_NAMES
 
 SUMMARY_FIELDS = ("run_id", "task", "placement", "peak_lr", "warmup", "seed", "steps",
                   "initial_val_loss", "final_val_loss", "best_val_loss", "unigram_loss",
+                  "final_val_accuracy", "final_val_nsp_loss", "final_val_nsp_accuracy",
                   "escaped_plateau", "diverged", "diverged_at", "diverge_reason", "num_spikes",
                   "nonfinite_steps", "max_grad_norm", "target_loss", "steps_to_target")
 
@@ -40,18 +42,13 @@ def load(preset: Preset, out: Path) -> Results:
 
 
 def _targets(runs: list[dict]) -> dict[str, float]:
-    """Per task, the loss runs are timed to: the worst final loss of post-LN with the
-    longest warm-up at its best learning rate, if none of those runs failed (see
-    verdicts.speed)."""
+    """Per task, the loss runs are timed to: the best final loss of post-LN with
+    warm-up (verdicts.speed), where those runs learned."""
     out = {}
     for task in sorted({r["task"] for r in runs}):
-        t_runs = [r for r in runs if r["task"] == task]
-        wu = max(r["warmup"] for r in t_runs)
-        lr = verdicts._best_lr(t_runs, task, "post", wu)
-        if lr is not None:
-            c = verdicts.cell(t_runs, task, "post", lr, wu)
-            if not any(map(verdicts.failed, c)):
-                out[task] = max(r["val_loss"][-1] for r in c)
+        info = verdicts.speed(runs, task)[2]
+        if info:
+            out[task] = info["target"]
     return out
 
 
@@ -62,15 +59,19 @@ def write_csvs(results: Results, out: Path) -> None:
         writer.writeheader()
         for r in results.runs:
             target = targets.get(r["task"])
-            writer.writerow({**r, "target_loss": target, "steps_to_target":
+            finals = {f"final_{k}": v[-1] for k, v in r.items()
+                      if k.startswith("val_") and k != "val_steps" and v}
+            writer.writerow({**r, **finals, "target_loss": target, "steps_to_target":
                              None if target is None else steps_to_target(r, target)})
     with (out / "gradnorm.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["placement", "depth", "seed", "layer", "w2", "w1", "attention"])
+        writer.writerow(["placement", "depth", "seed", "stack", "layer", "w2", "w1",
+                         "attention"])
         for r in results.gradnorm:
-            for i in range(r["depth"]):
-                writer.writerow([r["placement"], r["depth"], r["seed"], i, r["w2"][i],
-                                 r["w1"][i], r["attention"][i]])
+            for i in range(len(r["w2"])):
+                stack = r.get("stacks", ["stack"])[i // r["depth"]]
+                writer.writerow([r["placement"], r["depth"], r["seed"], stack, i % r["depth"],
+                                 r["w2"][i], r["w1"][i], r["attention"][i]])
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -86,8 +87,12 @@ def gradnorm_table(rows: list[dict]) -> str:
     return _table(["placement"] + [f"L={d}" for d in depths], body)
 
 
+def _finals(c: list[dict], key: str) -> list:
+    return [r[key][-1] for r in c if r.get(key)]
+
+
 def sweep_table(runs: list[dict], task: str) -> str:
-    """Rows (placement, warm-up), columns peak lr: final val loss and failures."""
+    """Rows (placement, warm-up), columns peak lr: final val loss (+ accuracy) and failures."""
     t_runs = [r for r in runs if r["task"] == task]
     lrs = sorted({r["peak_lr"] for r in t_runs})
     keys = sorted({(r["placement"], r["warmup"]) for r in t_runs})
@@ -97,11 +102,57 @@ def sweep_table(runs: list[dict], task: str) -> str:
         for lr in lrs:
             c = verdicts.cell(t_runs, task, placement, lr, wu)
             fails = sum(map(verdicts.failed, c))
-            spikes = sum(r["num_spikes"] for r in c)
-            row.append(f"{verdicts.fmt([r['final_val_loss'] for r in c])} "
-                       f"({fails}/{len(c)} failed, {spikes} spikes)")
+            acc = verdicts.fmt(_finals(c, "val_accuracy"), 2)
+            row.append(f"{verdicts.fmt([r['final_val_loss'] for r in c])}, acc {acc} "
+                       f"({fails}/{len(c)} failed)")
         body.append(row)
     return _table(["placement", "warm-up"] + [f"lr {lr:g}" for lr in lrs], body)
+
+
+def best_table(runs: list[dict], task: str) -> str:
+    """Each placement at its best setting (the paper's framing of claims 2b and 3)."""
+    t_runs = [r for r in runs if r["task"] == task]
+    info = verdicts.speed(runs, task)[2]
+    target = info.get("target")
+    warm = sorted({r["warmup"] for r in t_runs if r["warmup"]})
+    body = []
+    for placement in dict.fromkeys(r["placement"] for r in t_runs):
+        for label, warmups in (("any", None), ("none", [0]), ("with warm-up", warm)):
+            key, c = verdicts.best_cell(t_runs, task, placement, warmups)
+            if not c:
+                continue
+            steps = verdicts.steps_to(c, target) if target is not None else None
+            body.append([placement, label, f"lr {key[0]:g}, warm-up {key[1]}",
+                         verdicts.fmt([r["final_val_loss"] for r in c]),
+                         verdicts.fmt(_finals(c, "val_accuracy"), 2),
+                         "n/a" if target is None else (steps if steps is not None else "never"),
+                         sum(map(verdicts.failed, c))])
+    header = ["placement", "warm-up allowed", "best setting", "final val loss", "accuracy",
+              "steps to target" + (f" {target:.3f}" if target is not None else ""), "failed"]
+    return _table(header, body)
+
+
+def equal_lr_table(runs: list[dict], task: str) -> str:
+    rows = verdicts.equal_lr_rows(runs, task)
+    return _table(["peak lr", "post-LN best warm-up", "post-LN final", "pre-LN (no warm-up) "
+                   "final", "post-LN steps to its final", "pre-LN steps to it"], rows)
+
+
+def mlm_table(runs: list[dict]) -> str:
+    """BERT's two losses apart, per (placement, lr, warm-up), with the MLM baseline."""
+    m = [r for r in runs if r["task"] == "mlm"]
+    keys = sorted({(r["placement"], r["peak_lr"], r["warmup"]) for r in m})
+    body = []
+    for placement, lr, wu in keys:
+        c = verdicts.cell(m, "mlm", placement, lr, wu)
+        body.append([placement, f"{lr:g}", wu, verdicts.fmt([r["final_val_loss"] for r in c]),
+                     f"{m[0]['unigram_loss'] - np.mean([r['final_val_loss'] for r in c]):+.2f}"
+                     if all(r["final_val_loss"] is not None for r in c) else "n/a",
+                     verdicts.fmt(_finals(c, "val_accuracy"), 2),
+                     verdicts.fmt(_finals(c, "val_nsp_loss")),
+                     verdicts.fmt(_finals(c, "val_nsp_accuracy"), 2)])
+    return _table(["placement", "peak lr", "warm-up", "MLM loss", "below unigram", "MLM acc",
+                   "NSP loss", "NSP acc"], body)
 
 
 def vmap_section(results: Results) -> str:
@@ -144,6 +195,10 @@ def speedup(checks: list[dict]) -> dict:
             "passed": all(c["passed"] for c in checks)}
 
 
+_DRIFT = ("FAILED at this tolerance: the two programs agree to rounding (1-ulp differences) "
+          "in the first steps and drift apart over the run (docs/ln_experiment.md)")
+
+
 def speedup_text(checks: list[dict]) -> str:
     s = speedup(checks)
     group = checks[0]["run_id"].rsplit("/", 3)[0]
@@ -153,9 +208,9 @@ def speedup_text(checks: list[dict]) -> str:
             f"{s['sequential_s']:.1f} s wall ({s['sequential_cpu_s']:.0f} s CPU), extrapolated "
             f"from {s['measured_runs']} runs timed alone: speed-up **{s['speedup']:.2f}x** in "
             f"wall time, "
-            f"{s['cpu_speedup']:.2f}x in CPU time. Same seeds, same results: max |difference| in "
+            f"{s['cpu_speedup']:.2f}x in CPU time. Same seeds: max |difference| in "
             f"loss {s['max_abs_diff']:.1e} (tolerance {CHECK_TOLERANCE:g}): "
-            f"{'passed' if s['passed'] else 'FAILED'}. The checked runs are at the lowest learning "
+            f"{'passed' if s['passed'] else _DRIFT}. The checked runs are at the lowest learning "
             "rate: where training is chaotic, 1-ulp differences between the two compiled programs "
             "(XLA fuses them differently) grow, as they would between any two implementations. "
             "On a CPU the arithmetic is the same either way: the batched program gains only by "
@@ -165,52 +220,78 @@ def speedup_text(checks: list[dict]) -> str:
             "should be larger.")
 
 
+def _width(w) -> str:
+    init = f"init {w.init}" + (f" (std {w.init_std:g})" if w.init == "normal" else "")
+    return f"d_model {w.d_model}, {w.num_heads} heads, d_ff {w.d_ff}, {init}"
+
+
 def _settings(preset: Preset) -> list[str]:
     g = preset.gradnorm
-    lines = [f"- data: stdlib docstrings ({preset.corpus_chars or 'all'} chars), vocabulary "
-             f"{preset.vocab_size}, sequence length {preset.seq_len}",
-             f"- gradient norms at init: {g.task} model, d_model {g.width.d_model}, "
-             f"{g.width.num_heads} heads, d_ff {g.width.d_ff}, init std {g.width.init_std:g}, "
-             f"depths {list(g.depths)}, seeds {list(g.seeds)}, batch {g.batch_size}"]
+    lines = [f"- data: the default corpus ({preset.corpus_chars or 'all'} chars), vocabulary "
+             f"{preset.vocab_size}, sequence length {preset.seq_len} unless stated",
+             f"- gradient norms at init: {g.task} model ({TASK_NAMES[g.task]}), {_width(g.width)}, "
+             f"{', '.join(f'{d}' for d in g.depths)} layers per stack, seeds {list(g.seeds)}, "
+             f"gradient averaged over {g.batches} mini-batches of {g.batch_size}"]
     for s in preset.sweeps:
         lines.append(
-            f"- sweep {s.task}: {s.num_layers} layers, d_model {s.width.d_model}, "
-            f"{s.width.num_heads} heads, d_ff {s.width.d_ff}, init std {s.width.init_std:g}; "
-            f"placements {list(s.placements)}; peak lr {list(s.peak_lrs)}; warm-up "
-            f"{list(s.warmups)}; seeds {list(s.seeds)}; {s.steps} steps of batch "
-            f"{s.batch_size}, {s.decay} decay after warm-up; AdamW b1 {s.b1}, b2 {s.b2}, "
-            f"weight decay {s.weight_decay}, no clipping, dropout 0")
-    lines.append(f"- a run *failed* if it diverged (a non-finite loss/gradient, or a validation "
-                 f"loss above its initial value) or never got {PLATEAU_MARGIN} nats below the "
-                 f"unigram baseline; a *spike* is a training loss above {SPIKE_FACTOR}x the "
-                 f"median of the previous {SPIKE_WINDOW}")
+            f"- sweep {s.task} ({TASK_NAMES[s.task]}): {s.num_layers} layers"
+            f"{' per stack' if s.task == 'seq2seq' else ''}, {_width(s.width)}, sequence "
+            f"{s.seq_len or preset.seq_len}; placements {list(s.placements)}; peak lr "
+            f"{list(s.peak_lrs)}; warm-up {list(s.warmups)}; seeds {list(s.seeds)}; {s.steps} "
+            f"steps of batch {s.batch_size}, linear warm-up then {s.decay} "
+            f"(`training.schedules`); AdamW b1 {s.b1}, b2 {s.b2}, weight decay "
+            f"{s.weight_decay}, no clipping, dropout 0")
+    lines.append(f"- a run *did not learn* if it diverged (a non-finite loss/gradient, or a "
+                 f"validation loss above its initial value) or never got {PLATEAU_MARGIN} nats "
+                 f"below the unigram baseline; a *spike* is a training loss above "
+                 f"{SPIKE_FACTOR}x the median of the previous {SPIKE_WINDOW}")
     return lines
 
 
+def _task_sections(preset: Preset, results: Results) -> list[str]:
+    out = []
+    for sweep in preset.sweeps:
+        task, runs = sweep.task, results.runs
+        if not any(r["task"] == task for r in runs):
+            continue
+        unigram = next(r["unigram_loss"] for r in runs if r["task"] == task)
+        metric = "MLM loss" if task == "mlm" else "loss"
+        out += [f"## {TASK_NAMES[task]} (`{task}`)", "",
+                f"Unigram baseline of the validation {metric}: {unigram:.3f}.", "",
+                "Each placement at its best setting; *steps to target*: the first evaluation "
+                "at which the setting's seed-mean validation curve reaches post-LN-with-warm-up's "
+                "best final loss:", "", best_table(runs, task), "",
+                "Equal learning rates (secondary): post-LN with its best warm-up vs pre-LN "
+                "without warm-up at each peak lr:", "", equal_lr_table(runs, task), "",
+                f"Every cell: final validation {metric}, mean ± std over seeds, token accuracy "
+                "(runs that did not learn):", "", sweep_table(runs, task), ""]
+        if task == "mlm":
+            out += ["MLM and NSP apart (BERT trains on their sum; NSP is an uninformed "
+                    "ln 2 = 0.693 at the start):", "", mlm_table(runs), ""]
+    return out
+
+
 def markdown(preset: Preset, results: Results, figures: list[str], timing: dict | None) -> str:
-    tasks = [s.task for s in preset.sweeps]
-    claims = [*verdicts.claim1(results.gradnorm), *verdicts.claim2(results.runs, tasks),
-              verdicts.claim3(results.runs)]
+    claims = verdicts.all_verdicts(results.gradnorm, results.runs)
     out = [f"# LN-stability benchmark, preset `{preset.name}`", "",
            "Reproducing Xiong et al. 2020, *On Layer Normalization in the Transformer "
            "Architecture* (arXiv 2002.04745), at a small scale.", ""]
-    out += [f"Command: `python -m experiments.ln_stability --preset {preset.name}`.", ""]
+    out += [f"Command: `python -m experiments.ln_stability --preset {preset.name}"
+            f"{timing.get('args', '') if timing else ''}`.", ""]
     if timing:
         out += [f"This invocation: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU "
-                "(all threads; work already recorded in the directory was skipped); "
-                f"{timing.get('machine', 'machine not recorded')}.", ""]
-    out += ["## Verdicts", ""]
+                "(user + sys, all threads; work already recorded in the directory was "
+                f"skipped); {timing.get('machine', 'machine not recorded')}.", ""]
+    out += ["## Verdicts", "", _table(["claim", "verdict"], [[v.claim.split(" ")[0], v.status]
+                                                             for v in claims]), ""]
     for v in claims:
         out += [f"**{v.claim}** — *{v.status}*", ""] + [f"- {e}" for e in v.evidence] + [""]
     out += ["## Settings", ""] + _settings(preset) + [""]
     out += ["## Gradient norms at initialization",
-            "", "Last layer's |dL/dW2| (FFN output kernel, `mlp/down`), mean ± std over seeds:",
-            "",
+            "", "Last layer's |mean dL/dW2| (FFN output kernel, `mlp/down`, of the layer next "
+            "to the output), mean ± std over seeds:", "",
             gradnorm_table(results.gradnorm), ""]
-    for task in tasks:
-        out += [f"## Training sweep: {task}", "",
-                "Final validation loss, mean ± std over seeds (failed runs, spikes):", "",
-                sweep_table(results.runs, task), ""]
+    out += _task_sections(preset, results)
     out += ["## Many runs per compiled program (jax.vmap)", "", vmap_section(results), ""]
     out += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
     out += ["Files: `runs.jsonl` (one record per training run, with curves), `summary.csv`, "

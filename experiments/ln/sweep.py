@@ -28,8 +28,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments.ln.presets import Sweep
+from transformer_jax._compat import donate_argnums
 from transformer_jax.models import build
 from transformer_jax.training import TASKS, TrainState, decay_mask, eval_step, train_step
+from transformer_jax.training.schedules import learning_rate_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +63,10 @@ def make_tx(sweep: Sweep) -> optax.GradientTransformation:
 
 
 def learning_rate(step, peak, warmup, total: int, decay: str):
-    """Linear warm-up over `warmup` updates (none when 0: (step+1)/1 >= 1), then
-    constant or linear decay to 0 at `total` (BERT's schedule, Devlin et al. 2018).
-    All of step, peak and warmup may be traced per-run values."""
-    s = step.astype(jnp.float32)
-    lr = peak * jnp.minimum(1.0, (s + 1.0) / jnp.maximum(warmup, 1.0))
-    if decay == "linear":
-        lr = lr * jnp.clip((total - s) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
-    return lr
+    """The library's schedule (`training.schedules.learning_rate_at`) on traced per-run
+    values: linear warm-up over `warmup` updates (none when 0), then `decay`
+    ("linear" to 0 at `total`, "constant", "cosine" or "rsqrt")."""
+    return learning_rate_at(step, peak, warmup, decay, total)
 
 
 def _step(state: TrainState, hp: dict, batch: dict, *, task: str, total: int, decay: str):
@@ -82,17 +80,32 @@ def _step(state: TrainState, hp: dict, batch: dict, *, task: str, total: int, de
 
 
 def _chunk(state, hp, train, valid, start, *, length: int, task: str, total: int, decay: str):
-    """`length` steps from `start` on this run's data stream, then the mean validation loss.
+    """`length` steps from `start` on this run's data stream, then the validation metrics.
     train: {field: [seeds, steps, batch, ...]} (all runs' streams); valid: [E, batch, ...]."""
     data = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, length, 1)[hp["data"]],
                         train)
     step = functools.partial(_step, hp=hp, task=task, total=total, decay=decay)
     state, metrics = jax.lax.scan(lambda s, b: step(s, batch=b), state, data)
-    return state, metrics, _valid_loss(state, valid, task)
+    return state, metrics, _valid_metrics(state, valid, task)
 
 
-def _valid_loss(state, valid, task):
-    return jnp.mean(jax.lax.map(lambda b: eval_step(state, b, task)["loss"], valid))
+# Validation metrics recorded per task: record name -> key of the task's loss dict.
+# "loss" is the one every verdict reads: for BERT the MLM loss alone (NSP is kept
+# apart: summed in, its ~ln 2 would hide what MLM does), for the others the loss.
+VALID_METRICS = {
+    "mlm": {"loss": "mlm_loss", "accuracy": "accuracy", "nsp_loss": "nsp_loss",
+            "nsp_accuracy": "nsp_accuracy"},
+    "lm": {"loss": "loss", "accuracy": "accuracy"},
+    "seq2seq": {"loss": "loss", "accuracy": "accuracy"},
+}
+
+
+def _valid_metrics(state, valid, task) -> dict:
+    """{name: mean over the validation batches} of VALID_METRICS[task]."""
+    names = VALID_METRICS[task]
+    per_batch = jax.lax.map(
+        lambda b: {k: eval_step(state, b, task)[v] for k, v in names.items()}, valid)
+    return {k: jnp.mean(v) for k, v in per_batch.items()}
 
 
 @functools.lru_cache(maxsize=16)
@@ -123,10 +136,14 @@ class GroupResult:
     specs: list[RunSpec]
     metrics: dict[str, np.ndarray]
     val_steps: np.ndarray
-    val_loss: np.ndarray
+    val: dict[str, np.ndarray]   # VALID_METRICS name -> [R, evals]
     compile_s: float     # wall seconds: init + lowering + XLA compilation + first validation
     run_s: float         # wall seconds of the training chunks
     cpu_s: float         # process CPU seconds of both (all threads): load-independent
+
+    @property
+    def val_loss(self) -> np.ndarray:
+        return self.val["loss"]
 
     @property
     def wall_s(self) -> float:
@@ -148,12 +165,12 @@ def _programs(sweep: Sweep, batched: bool):
     task = sweep.task
     chunk = functools.partial(_chunk, length=sweep.eval_every, task=task, total=sweep.steps,
                               decay=sweep.decay)
-    valid = functools.partial(_valid_loss, task=task)
+    valid = functools.partial(_valid_metrics, task=task)
     if batched:
         chunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None))
         valid = jax.vmap(valid, in_axes=(0, None))
     # Donated: the old state's buffers hold the new one.
-    return jax.jit(chunk, donate_argnums=(0,)), jax.jit(valid)
+    return jax.jit(chunk, donate_argnums=donate_argnums(0)), jax.jit(valid)
 
 
 def _spread(state, hp, train, valid, devices):
@@ -194,26 +211,26 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
     if key not in _COMPILED:   # one compilation per program, reused by later calls
         _COMPILED[key] = chunk_fn.lower(state, hp, train, valid, 0).compile()
     chunk_fn = _COMPILED[key]
-    valid0 = np.asarray(valid_fn(state, valid))
+    valid0 = jax.device_get(valid_fn(state, valid))
     compile_s = time.perf_counter() - t0
-    t0, chunks, losses = time.perf_counter(), [], [valid0]
+    t0, chunks, evals = time.perf_counter(), [], [valid0]
     n = sweep.steps // sweep.eval_every
     for i in range(n):
-        state, metrics, loss = chunk_fn(state, hp, train, valid, i * sweep.eval_every)
+        state, metrics, val = chunk_fn(state, hp, train, valid, i * sweep.eval_every)
         chunks.append(jax.device_get(metrics))
-        losses.append(np.asarray(loss))
+        evals.append(jax.device_get(val))
         if progress:
             progress(i + 1, n)
     run_s = time.perf_counter() - t0
     axis = 1 if batched else 0
     metrics = {k: np.concatenate([c[k] for c in chunks], axis) for k in chunks[0]}
-    val_loss = np.stack(losses, -1)
+    val = {k: np.stack([np.asarray(e[k]) for e in evals], -1) for k in evals[0]}
     if batched:   # drop the padding runs
         metrics = {k: v[:len(specs)] for k, v in metrics.items()}
-        val_loss = val_loss[:len(specs)]
-    if not batched:
+        val = {k: v[:len(specs)] for k, v in val.items()}
+    else:
         metrics = {k: v[None] for k, v in metrics.items()}
-        val_loss = val_loss[None]
+        val = {k: v[None] for k, v in val.items()}
     val_steps = np.arange(n + 1) * sweep.eval_every
-    return GroupResult(specs, metrics, val_steps, val_loss, compile_s, run_s,
+    return GroupResult(specs, metrics, val_steps, val, compile_s, run_s,
                        time.process_time() - cpu0)

@@ -14,7 +14,8 @@ class AttentionConfig:
     (`kind` picks one; fields a kind does not read are ignored by it)."""
     # Which kernel computes softmax(QK^T/sqrt(d))V (or its approximation). A name
     # registered in `transformer_jax.attention.registry`; "xla" is the reference,
-    # "auto" (the default) is cuDNN flash attention where it applies, else "xla".
+    # "auto" (the default) is cuDNN flash attention on a GPU or splash attention on
+    # a TPU where they apply (`registry.auto_kind`), else "xla".
     kind: str = "auto"
     # chunked (Rabe & Staats 2021, arXiv 2112.05682): query / key chunk lengths.
     query_chunk: int = 128

@@ -63,6 +63,33 @@ def check_broadcast(name: str, x: jnp.ndarray | None, target: tuple[int, ...]) -
             f"shape [..., heads, q_len, kv_len] = {tuple(target)}")
 
 
+def check_mask_and_bias(q, k, mask=None, bias=None, *, kind: str | None = None,
+                        key_only: bool = False, bias_ok: bool = True) -> None:
+    """The one entry check of every kernel's mask and bias (the dense kernel,
+    `MultiHeadAttention`, the registry and each variant call it): both must broadcast
+    to the scores `[..., heads, q_len, kv_len]` of q, k, so a key mask of the wrong
+    length or batch is refused rather than silently padded, cut or broadcast. `kind`
+    names the kernel for the capability errors: `key_only` kernels take only key padding
+    masks `[..., 1, kv_len]`, and `bias_ok=False` ones no bias at all."""
+    target = scores_shape(q, k)
+    check_broadcast("mask", mask, target)
+    check_broadcast("bias", bias, target)
+    if key_only:
+        check_key_only(kind, mask)
+    if bias is not None and not bias_ok:
+        raise ValueError(f"attention.kind={kind!r} does not support an additive bias "
+                         "(e.g. ALiBi); use position='learned', 'sinusoidal' or 'rope'")
+
+
+def check_key_only(kind: str | None, mask) -> None:
+    """ValueError unless `mask` is None or a key padding mask `[..., 1, kv_len]`, the only
+    masks the sub-quadratic kernels take (models pass causality as the `causal` flag)."""
+    if not masks_lib.is_key_only(mask):
+        raise ValueError(
+            f"attention.kind={kind!r} takes only key padding masks of shape [..., 1, kv_len]; "
+            f"got a query-dependent mask of shape {tuple(mask.shape)}")
+
+
 def build_mask(mask, causal: bool, q_len: int, kv_len: int):
     """Combines a user mask (broadcastable to `[..., heads, q_len, kv_len]`, or None)
     with the causal pattern `[1, q_len, kv_len]` (query i sees keys <= i)."""
@@ -78,9 +105,7 @@ def build_mask(mask, causal: bool, q_len: int, kv_len: int):
 def attention_weights(q, k, *, mask=None, bias=None, causal=False, scale=None):
     """Softmax attention probabilities, float32 `[..., heads, q_len, kv_len]`."""
     heads, kv_heads = check_qkv(q, k, k)
-    target = scores_shape(q, k)
-    check_broadcast("mask", mask, target)
-    check_broadcast("bias", bias, target)
+    check_mask_and_bias(q, k, mask, bias)
     mask = build_mask(mask, causal, q.shape[-3], k.shape[-3])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     groups = heads // kv_heads

@@ -177,16 +177,7 @@ class MultiHeadAttention(nn.Module):
                                kernel_init=out_init, bias_init=bias_init, name="out")(out)
 
     def _kernel(self, variant, q, k, v, mask, bias, causal, deterministic, sow_weights, kwargs):
-        target = functional.scores_shape(q, k)
-        functional.check_broadcast("mask", mask, target)
-        functional.check_broadcast("bias", bias, target)
-        if mask is not None and not variant.full_mask and not masks_lib.is_key_only(mask):
-            raise ValueError(
-                f"attention.kind={variant.name!r} takes only key padding masks of shape "
-                f"[..., 1, kv_len]; got a query-dependent mask of shape {tuple(mask.shape)}")
-        if bias is not None and not variant.supports_bias:
-            raise ValueError(f"attention.kind={variant.name!r} does not support an additive bias "
-                             "(e.g. ALiBi); use position='learned', 'sinusoidal' or 'rope'")
+        registry.check_inputs(variant, q, k, mask, bias)  # before any parameter is made
         rng = None
         if not deterministic and self.dropout_rate > 0.0:
             rng = self.make_rng("dropout")

@@ -39,13 +39,35 @@ class AttentionVariant:
     supports_decode: bool = True
     # Can return / sow the attention probabilities (needs them materialised).
     supports_weights: bool = True
+    # Computes full softmax attention, the same function as `xla` for every mask it
+    # accepts (not a window, a sparse pattern or an approximation): models using it
+    # can be exported to libraries that compute attention densely (hf/config.py).
+    exact: bool = False
 
 
 _REGISTRY: dict[str, AttentionVariant] = {}
 
 
+def check_inputs(variant: AttentionVariant, q, k, mask, bias) -> None:
+    """`functional.check_mask_and_bias` with `variant`'s capabilities: the error a
+    bad mask or bias gets from every kernel, dense or not, however it is called."""
+    functional.check_mask_and_bias(q, k, mask, bias, kind=variant.name,
+                                   key_only=not variant.full_mask, bias_ok=variant.supports_bias)
+
+
+def _checked(variant: AttentionVariant) -> Callable[..., Any]:
+    """variant.fn, validating its mask and bias at entry (issue 17: sparse kernels
+    called through the registry read a too-short key mask as padding)."""
+    def fn(q, k, v, *, mask, bias, **kwargs):
+        check_inputs(variant, q, k, mask, bias)
+        return variant.fn(q, k, v, mask=mask, bias=bias, **kwargs)
+    return fn
+
+
 def register(variant: AttentionVariant) -> AttentionVariant:
-    """Makes `variant` selectable as `AttentionConfig(kind=variant.name)`."""
+    """Makes `variant` selectable as `AttentionConfig(kind=variant.name)`; the stored
+    (and returned) variant's `fn` checks its mask and bias first."""
+    variant = dataclasses.replace(variant, fn=_checked(variant))
     _REGISTRY[variant.name] = variant
     return variant
 
@@ -78,7 +100,7 @@ def _xla(q, k, v, *, mask, bias, causal, config, extra, dropout_rate, dropout_rn
         dropout_rng=dropout_rng, deterministic=deterministic)
 
 
-register(AttentionVariant("xla", _xla))
+register(AttentionVariant("xla", _xla, exact=True))
 
 
 def cudnn_unavailable_reason(dtype) -> str | None:
@@ -121,6 +143,7 @@ def flash_attention(q, k, v, *, mask=None, bias=None, causal=False, implementati
     instead of uniformly to all; both are padding. `implementation="xla"` runs the
     same code on any backend (the tests' way).
     """
+    functional.check_mask_and_bias(q, k, mask, bias)
     lead = q.ndim - 3
     batch_shape = functional.scores_shape(q, k)[:-3]
     q4, k4, v4 = (_flatten_batch(jnp.broadcast_to(x, (*batch_shape, *x.shape[-3:])), lead)
@@ -179,17 +202,38 @@ def cudnn_applies(q, k, *, mask, bias, causal, dropout_rate, deterministic) -> b
             and head_dim % 8 == 0 and head_dim <= 128)
 
 
+# The kernels `kind="auto"` may choose, in order, before falling back to "xla":
+# (name, applies(q, k, *, mask, bias, causal, dropout_rate, deterministic) -> bool).
+# Each targets one backend (cuDNN a GPU, splash a TPU), so at most one applies.
+_AUTO: list[tuple[str, Callable[..., bool]]] = []
+
+
+def register_auto(name: str, applies: Callable[..., bool]) -> None:
+    """Lets `kind="auto"` run the registered kind `name` on calls where `applies`."""
+    _AUTO.append((name, applies))
+
+
+def auto_kind(q, k, *, mask, bias, causal, dropout_rate, deterministic) -> str:
+    """The kind `kind="auto"` runs for this call: the first of `_AUTO` that applies, else "xla"."""
+    for name, applies in _AUTO:
+        if applies(q, k, mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
+                   deterministic=deterministic):
+            return name
+    return "xla"
+
+
 def _auto(q, k, v, *, mask, bias, causal, config, extra, dropout_rate, dropout_rng, deterministic):
-    if cudnn_applies(q, k, mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
-                     deterministic=deterministic):
-        return flash_attention(q, k, v, mask=mask, causal=causal, implementation="cudnn")
-    return _xla(q, k, v, mask=mask, bias=bias, causal=causal, config=config, extra=extra,
-                dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic)
+    kind = auto_kind(q, k, mask=mask, bias=bias, causal=causal, dropout_rate=dropout_rate,
+                     deterministic=deterministic)
+    return get(kind).fn(q, k, v, mask=mask, bias=bias, causal=causal, config=config, extra=extra,
+                        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                        deterministic=deterministic)
 
 
-# The default: cuDNN flash attention where it applies (GPU, half precision, no
-# dropout), the XLA reference everywhere else; the two compute the same function.
-register(AttentionVariant("auto", _auto))
+# The default: cuDNN flash attention on a GPU, splash attention on a TPU, where
+# each applies (see `cudnn_applies`, `variants.splash.applies`), the XLA reference
+# everywhere else; all compute the same function.
+register(AttentionVariant("auto", _auto, exact=True))
 
 
 def _validate_cudnn(config, *, causal, position, attention_dropout):
@@ -200,4 +244,6 @@ def _validate_cudnn(config, *, causal, position, attention_dropout):
             "(jax.nn.dot_product_attention has no dropout); set attention_dropout=0.0")
 
 
-register(AttentionVariant("cudnn", _cudnn, validate=_validate_cudnn, supports_weights=False))
+register(AttentionVariant("cudnn", _cudnn, validate=_validate_cudnn, supports_weights=False,
+                           exact=True))
+register_auto("cudnn", cudnn_applies)

@@ -13,7 +13,8 @@ from transformer_jax.data.corpus import (
     Corpus, load_corpus, load_hf_corpus, split_corpus, stdlib_corpus, text_corpus)
 from transformer_jax.data.gpt import GPT_FIELDS, GPTDataConfig, GPTDataset
 from transformer_jax.data.pipeline import make_datasets
-from transformer_jax.data.seq2seq import SEQ2SEQ_FIELDS, Seq2SeqDataConfig, Seq2SeqDataset
+from transformer_jax.data.seq2seq import (
+    SEQ2SEQ_FIELDS, Seq2SeqDataConfig, Seq2SeqDataset, TranslationDataConfig)
 from transformer_jax.data.tokenized import TokenizedCorpus, tokenize_corpus
 from transformer_jax.data.tokenizer import (
     Tokenizer, VocabInfo, default_cache_dir, train_bpe, train_tokenizer, train_wordpiece)
@@ -22,7 +23,7 @@ __all__ = [
     "BERT_FIELDS", "GPT_FIELDS", "IS_NEXT", "NOT_NEXT", "SEQ2SEQ_FIELDS",
     "BatchIterator", "BertDataConfig", "BertDataset", "Corpus", "ExampleDataset",
     "GPTDataConfig", "GPTDataset", "Seq2SeqDataConfig", "Seq2SeqDataset", "Tokenizer",
-    "TokenizedCorpus", "VocabInfo", "default_cache_dir", "example_rng",
+    "TokenizedCorpus", "TranslationDataConfig", "VocabInfo", "default_cache_dir", "example_rng",
     "load_corpus", "load_hf_corpus", "local_example_indices", "make_datasets",
     "shard_batch", "split_corpus", "stdlib_corpus", "text_corpus", "tokenize_corpus",
     "train_bpe", "train_tokenizer", "train_wordpiece", "validate_token_ids",

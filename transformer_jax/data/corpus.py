@@ -4,10 +4,24 @@ A corpus is a tuple of documents; a document is a tuple of segments (sentences).
 BERT's next-sentence task (Devlin et al., 2018, arXiv 1810.04805, sec. 3.1)
 needs that two-level structure, GPT packing only needs document boundaries.
 
-The default corpus is built from the docstrings of the installed Python
-standard library, so every machine has a few MB of English prose with no
-download. Files are visited in sorted order, and nothing depends on hash
-iteration order, so the same Python installation always gives the same corpus.
+The default corpus is the docstrings of the Python standard library, a few MB
+of English prose with no download. Each Python release edits its docstrings,
+so reading the running interpreter's stdlib would give a different corpus (and
+different presets, tests and reference outputs) on 3.11, 3.12 and 3.13. The
+default is therefore a fixed snapshot shipped as package data,
+``stdlib_docstrings.json.gz``: the corpus that ``stdlib_corpus(stdlib_dir=...)``
+built from CPython 3.11.7's stdlib, checked against a content hash
+(``SNAPSHOT_FINGERPRINT``) every time it is loaded. CPython's docstrings are
+under the PSF License Agreement; its text ships beside the snapshot as
+``stdlib_docstrings.LICENSE.txt``. To rebuild the snapshot (on Python 3.11.7):
+
+    python -c "from transformer_jax.data.corpus import write_stdlib_snapshot as w; print(w())"
+
+and put the printed fingerprint into ``SNAPSHOT_FINGERPRINT``. The local
+stdlib (``load_corpus("stdlib:local")``) or any directory of text files
+(``text_corpus``) remain available for other data. Files are visited in sorted
+order, and nothing depends on hash iteration order, so the same source always
+gives the same corpus.
 """
 
 from __future__ import annotations
@@ -15,9 +29,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import gzip
 import hashlib
+import importlib.resources
+import json
 import os
 import re
+import sys
 import sysconfig
 import warnings
 from pathlib import Path
@@ -41,6 +59,11 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.\s)")
 _MIN_WORDS = 4           # shorter paragraphs are mostly headings like "Args:"
 _MIN_LETTER_FRACTION = 0.6  # below this a paragraph is mostly code or a table
+
+SNAPSHOT_FILE = "stdlib_docstrings.json.gz"  # package data of transformer_jax.data
+SNAPSHOT_PYTHON = "3.11.7"  # the CPython whose stdlib the snapshot was built from
+# Corpus.fingerprint of the whole snapshot: its 544 documents, 1,568,966 chars.
+SNAPSHOT_FINGERPRINT = "86ead9895dad25b95c7708bcea81d4a0e6e7a9ba938fc3fb1cc5ffce9fb364b5"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,24 +210,79 @@ def stdlib_corpus(max_documents: int | None = None, max_chars: int | None = None
     and doctest lines are dropped, and paragraphs are split into sentences.
 
     Args:
-      max_documents: keep at most this many modules (None = all, ~600).
-      max_chars: keep at most this many characters (None = all, ~1.5M).
-      stdlib_dir: defaults to ``sysconfig.get_paths()["stdlib"]``.
+      max_documents: keep at most this many modules (None = all, 544).
+      max_chars: keep at most this many characters (None = all, ~1.57M).
+      stdlib_dir: None reads the shipped snapshot of CPython 3.11.7's stdlib,
+        identical on every Python; a directory (e.g.
+        ``sysconfig.get_paths()["stdlib"]``, or one package of it) is parsed
+        here instead, so its text depends on that Python's version.
     """
-    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    if stdlib_dir is None:
+        return Corpus(_capped(_snapshot_documents(), max_documents, max_chars),
+                      source=f"stdlib-snapshot:python{SNAPSHOT_PYTHON}")
+    root = Path(stdlib_dir)
     if not root.is_dir():
         raise ValueError(f"stdlib_dir={str(root)!r} is not a directory")
-
-    def documents():
-        for path in _stdlib_files(root):
-            segments = []
-            for doc in _module_docstrings(path):
-                segments.extend(text_to_segments(doc, prose_only=True))
-            if segments:
-                yield segments
-
-    return Corpus(_capped(documents(), max_documents, max_chars),
+    return Corpus(_capped(_stdlib_documents(root), max_documents, max_chars),
                   source=f"stdlib:{root}")
+
+
+def _stdlib_documents(root: Path) -> Iterable[list[str]]:
+    for path in _stdlib_files(root):
+        segments = []
+        for doc in _module_docstrings(path):
+            segments.extend(text_to_segments(doc, prose_only=True))
+        if segments:
+            yield segments
+
+
+def _snapshot_path():
+    return importlib.resources.files("transformer_jax.data") / SNAPSHOT_FILE
+
+
+@functools.lru_cache(maxsize=1)
+def _snapshot_documents() -> tuple[Document, ...]:
+    """The shipped snapshot, read once per process and checked by content hash."""
+    path = _snapshot_path()
+    try:
+        documents = json.loads(gzip.decompress(path.read_bytes()))["documents"]
+        corpus = Corpus(documents, source=str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"the default corpus snapshot {str(path)!r} cannot be read "
+                         f"({e}); reinstall transformer-jax, or pass a text directory "
+                         "with --data / text_corpus(path)") from e
+    if corpus.fingerprint != SNAPSHOT_FINGERPRINT:
+        raise ValueError(
+            f"the default corpus snapshot {str(path)!r} has fingerprint "
+            f"{corpus.fingerprint[:12]}, expected {SNAPSHOT_FINGERPRINT[:12]}: the file "
+            "is damaged or was rebuilt without updating SNAPSHOT_FINGERPRINT; "
+            "reinstall transformer-jax or see the transformer_jax.data.corpus docstring")
+    return corpus.documents
+
+
+def write_stdlib_snapshot(path: str | os.PathLike | None = None,
+                          stdlib_dir: str | os.PathLike | None = None) -> str:
+    """Rebuild the snapshot from a stdlib tree; returns its fingerprint.
+
+    Args:
+      path: output file; defaults to the package's own ``SNAPSHOT_FILE``.
+      stdlib_dir: defaults to this interpreter's stdlib. The shipped snapshot
+        was built on Python ``SNAPSHOT_PYTHON``.
+    """
+    root = stdlib_dir or sysconfig.get_paths()["stdlib"]
+    corpus = stdlib_corpus(stdlib_dir=root)
+    blob = json.dumps({
+        "about": ("Docstrings of the CPython standard library, split into sentences "
+                  "by transformer_jax.data.corpus; Copyright (c) 2001-2023 Python "
+                  "Software Foundation, under the PSF License Agreement "
+                  "(stdlib_docstrings.LICENSE.txt)."),
+        "python": sys.version.split()[0],
+        "fingerprint": corpus.fingerprint,
+        "documents": [list(doc) for doc in corpus.documents],
+    }, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    # mtime=0 so that rebuilding the same text gives the same bytes.
+    Path(path or str(_snapshot_path())).write_bytes(gzip.compress(blob, 9, mtime=0))
+    return corpus.fingerprint
 
 
 def _text_files(path: Path) -> list[Path]:
@@ -235,7 +313,12 @@ def text_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike],
 
     def documents():
         for f in files:
-            yield text_to_segments(f.read_text(encoding="utf-8"))
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"corpus file {str(f)!r} is not UTF-8 text ({e.reason} at byte "
+                                 f"{e.start}); give text files") from e
+            yield text_to_segments(text)
 
     return Corpus(_capped(documents(), max_documents, max_chars), source=where)
 
@@ -273,10 +356,14 @@ def load_hf_corpus(name: str, config: str | None = None, split: str = "train",
 
 
 def load_corpus(source: str | os.PathLike | None = None, **caps) -> Corpus:
-    """``None`` or ``"stdlib"`` -> stdlib_corpus; ``"hf:NAME"`` -> load_hf_corpus;
-    anything else is a path for text_corpus. ``caps`` are max_documents/max_chars."""
+    """``None`` or ``"stdlib"`` -> stdlib_corpus (the shipped snapshot);
+    ``"stdlib:local"`` -> this interpreter's own stdlib; ``"hf:NAME"`` ->
+    load_hf_corpus; anything else is a path for text_corpus. ``caps`` are
+    max_documents/max_chars."""
     if source is None or source == "stdlib":
         return stdlib_corpus(**caps)
+    if source == "stdlib:local":
+        return stdlib_corpus(stdlib_dir=sysconfig.get_paths()["stdlib"], **caps)
     if isinstance(source, str) and source.startswith("hf:"):
         return load_hf_corpus(source[3:], **caps)
     return text_corpus(source, **caps)

@@ -7,14 +7,15 @@ import os
 from transformer_jax.data.bert import BertDataConfig, BertDataset
 from transformer_jax.data.corpus import Corpus, load_corpus, split_corpus
 from transformer_jax.data.gpt import GPTDataConfig, GPTDataset
-from transformer_jax.data.seq2seq import Seq2SeqDataConfig, Seq2SeqDataset
+from transformer_jax.data.seq2seq import Seq2SeqDataConfig, Seq2SeqDataset, TranslationDataConfig
 from transformer_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 # task -> (dataset class, config class, tokenizer kind)
 TASKS = {
     "bert": (BertDataset, BertDataConfig, "wordpiece"),
     "gpt": (GPTDataset, GPTDataConfig, "bpe"),
-    "seq2seq": (Seq2SeqDataset, Seq2SeqDataConfig, "bpe"),
+    "seq2seq": (Seq2SeqDataset, Seq2SeqDataConfig, "bpe"),          # span reversal by default
+    "translation": (Seq2SeqDataset, TranslationDataConfig, "bpe"),  # see data/seq2seq.py
 }
 
 
@@ -38,6 +39,9 @@ def make_datasets(task: str, corpus: Corpus | str | os.PathLike | None = None,
     if tokenizer is None:
         tokenizer = train_tokenizer(train, kind, vocab_size, cache_dir=cache_dir)
     config = config_cls() if config is None else config
+    if not isinstance(config, config_cls):
+        raise ValueError(f"config for task {task!r} must be a {config_cls.__name__}, "
+                         f"got {type(config).__name__}")
     return (tokenizer,
             dataset_cls.from_tokenizer(train, tokenizer, config, model_vocab_size),
             dataset_cls.from_tokenizer(valid, tokenizer, config, model_vocab_size))

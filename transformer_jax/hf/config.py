@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformer_jax.attention import registry
 from transformer_jax.models.configs import BertConfig, GPTConfig
 
 BERT_ARCHITECTURES = ("BertModel", "BertForPreTraining", "BertForMaskedLM")
@@ -136,7 +137,7 @@ def check_exportable(config, family: str) -> None:
         raise ValueError("config.scan_layers=True stacks the layers' parameters; export "
                          "stacks.unstack_layers(params) with config.replace(scan_layers=False)")
     # Exact kernels only: the HF model computes full softmax attention.
-    if config.attention.kind not in ("auto", "xla", "cudnn", "chunked"):
+    if not registry.get(config.attention.kind).exact:
         raise ValueError(f"config.attention.kind={config.attention.kind!r} approximates attention; "
                          "HF models compute it exactly. Export config.replace(attention="
                          "{'kind': 'xla'}) (same parameters) if that is what you mean")

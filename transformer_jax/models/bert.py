@@ -8,9 +8,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer_jax import partitioning as logical
+from transformer_jax import initializers, partitioning as logical
 from transformer_jax.blocks import ACTIVATION_FNS
-from transformer_jax.embeddings import Embeddings
+from transformer_jax.embeddings import Embeddings, check_ids
 from transformer_jax.models.common import check_length, key_padding_mask
 from transformer_jax.models.configs import BertConfig
 from transformer_jax.normalization import make_norm
@@ -19,8 +19,8 @@ from transformer_jax.stacks import Encoder
 
 def _dense(cfg, features, name, **kw):
     # [d_model, features]: sharded over the input width only (heads are small).
-    kernel_init = logical.param_init(nn.initializers.normal(cfg.init_std), (logical.EMBED, None),
-                                     cfg.logical_partitioning)
+    kernel_init = logical.param_init(initializers.kernel_init(cfg.init, cfg.init_std, cfg.d_model),
+                                     (logical.EMBED, None), cfg.logical_partitioning)
     bias_init = logical.param_init(nn.initializers.zeros, (None,), cfg.logical_partitioning)
     return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init,
                     dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name, **kw)
@@ -87,6 +87,8 @@ class BertForPreTraining(nn.Module):
         x, pooled = self.bert(input_ids, token_type_ids, attention_mask, deterministic=deterministic,
                               sow_weights=sow_weights, **kernel_kwargs)
         if mlm_positions is not None:
+            seq = input_ids.shape[-1]
+            check_ids("mlm_positions", mlm_positions, seq, f"the sequence length {seq}")
             x = jnp.take_along_axis(x, mlm_positions[..., None], axis=-2)
         return {"mlm_logits": self.mlm_head(x, self.bert.embeddings),
                 "nsp_logits": self.nsp_head(pooled)}

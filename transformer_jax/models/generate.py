@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.embeddings import check_ids
 from transformer_jax.models import sampling
 
 
@@ -37,9 +38,7 @@ def _check_inputs(config, prompts, lengths, max_new_tokens):
         raise ValueError(f"prompts must be [batch, prompt_len] with prompt_len >= 1, got shape {prompts.shape}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-    if prompts.min() < 0 or prompts.max() >= config.vocab_size:
-        bad = prompts[(prompts < 0) | (prompts >= config.vocab_size)][0]
-        raise ValueError(f"prompt token id {int(bad)} is outside the vocabulary [0, {config.vocab_size})")
+    check_ids("prompts", prompts, config.vocab_size, f"vocab_size={config.vocab_size}")
     if lengths.shape != (prompts.shape[0],) or lengths.min() < 1 or lengths.max() > prompts.shape[1]:
         raise ValueError(f"prompt_lengths {lengths.tolist()} must be one per row, each in [1, {prompts.shape[1]}]")
     total = prompts.shape[1] + max_new_tokens
@@ -64,6 +63,9 @@ def generate(model, params, prompts, *, prompt_lengths=None, max_new_tokens: int
     lengths = np.full((prompts.shape[0],), prompts.shape[-1]) if prompt_lengths is None \
         else np.asarray(prompt_lengths)
     _check_inputs(model.config, prompts, lengths, max_new_tokens)
+    if not 0.0 <= float(temperature) < float("inf"):   # NaN fails too
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 "
+                         "(0 is greedy decoding)")
     if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
         raise ValueError(f"top_k={top_k} must be in [1, vocab_size={model.config.vocab_size}]")
     if top_p is not None and not 0.0 < top_p <= 1.0:

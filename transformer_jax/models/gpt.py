@@ -11,7 +11,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer_jax import cross_entropy, partitioning as logical
+from transformer_jax import cross_entropy, initializers, partitioning as logical
 from transformer_jax.embeddings import Embeddings
 from transformer_jax.models.common import check_length, key_padding_mask
 from transformer_jax.models.configs import GPTConfig
@@ -83,5 +83,7 @@ class _Param(nn.Module):
 
 
 def _head_init(cfg: GPTConfig):
-    return logical.param_init(nn.initializers.normal(cfg.init_std), (logical.EMBED, logical.VOCAB),
-                              cfg.logical_partitioning)
+    # An untied output matrix is initialised like an embedding table (fairseq's
+    # `output_projection`, std d^-1/2 under "xavier": see `initializers.py`).
+    init = initializers.embedding_init(cfg.init, cfg.init_std, cfg.d_model)
+    return logical.param_init(init, (logical.EMBED, logical.VOCAB), cfg.logical_partitioning)

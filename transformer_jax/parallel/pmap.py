@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from transformer_jax._compat import donate_argnums
 from transformer_jax.data import shard_batch
 from transformer_jax.training.checkpoint import Checkpointer
 from transformer_jax.training.state import TrainState
@@ -75,7 +76,7 @@ def make_pmap_train_step(task: Task | str, *, axis_name: str = AXIS,
     task = get_task(task) if isinstance(task, str) else task
     return jax.pmap(functools.partial(pmap_train_step, task=task, axis_name=axis_name,
                                       detailed=detailed),
-                    axis_name=axis_name, donate_argnums=(0,) if donate else ())
+                    axis_name=axis_name, donate_argnums=donate_argnums(0, donate=donate))
 
 
 def split_batch(batch, num_devices: int | None = None):

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from transformer_jax._compat import donate_argnums
 from transformer_jax.config import TransformerConfig
 from transformer_jax.models import build
 from transformer_jax.parallel.mesh import BATCH_AXES, LOGICAL_RULES
@@ -165,7 +166,7 @@ def make_sharded_train_step(task: Task | str, mesh: jax.sharding.Mesh, shardings
     step = jax.jit(functools.partial(train_step, task=_resolve(task), detailed=detailed),
                    in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=donate_argnums(0, donate=donate))
 
     def run(state, batch):
         with mesh_context(mesh, rules):

@@ -153,7 +153,7 @@ class Checkpointer:
                 **{META: ocp.args.JsonRestore()}))[META]
         except Exception as e:  # Orbax raises many types for unreadable files
             raise ValueError(f"checkpoint {path} is corrupted: its '{META}' item cannot be read "
-                             f"({type(e).__name__}: {e})") from e
+                             f"({_brief(e)})") from e
         if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"checkpoint {path} has no valid metadata (expected format_version "
                              f"{FORMAT_VERSION}, found {record!r:.200})")
@@ -183,9 +183,21 @@ class Checkpointer:
                 **{STATE: ocp.args.StandardRestore(_abstract(target_dict))}))[STATE]
         except Exception as e:
             raise ValueError(f"checkpoint {path} is corrupted: its '{STATE}' item cannot be read "
-                             f"({type(e).__name__}: {e})") from e
+                             f"({_brief(e)})") from e
         _verify(path, restored, record.get("checksums"))
         return serialization.from_state_dict(target, restored), record
+
+
+def _brief(error: Exception, limit: int = 300) -> str:
+    """The storage error's gist: its first line, without the TensorStore spec (a JSON
+    dump of every driver option) that follows; the whole error stays the `__cause__`."""
+    text = str(error).split("\n", 1)[0]
+    for tail in (" [tensorstore_spec=", " See full TensorStore details"):
+        text = text.split(tail, 1)[0]
+    text = text.strip()
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(error).__name__}: {text}"
 
 
 def _verify(path: str, restored, expected: Mapping[str, int] | None) -> None:

@@ -18,6 +18,18 @@ TASK_FAMILIES = {"mlm": ("bert", BertConfig), "lm": ("gpt", GPTConfig),
                  "seq2seq": ("seq2seq", EncoderDecoderConfig)}
 
 
+# Settings that shape the optimisation path: on resume they must equal the saved run's,
+# or the continuation is not the run that was started. Those in CHANGEABLE_ON_RESUME
+# may differ when named in `allow_change` (the optimizer's hyperparameters: the state's
+# shapes stay); the rest change the model, its data or the batches it has seen.
+RESUME_LOCKED = ("model", "task", "data", "max_documents", "vocab_size", "seq_len", "batch_size",
+                 "steps", "lr", "warmup", "schedule", "weight_decay", "clip_norm", "accumulation",
+                 "norm_placement", "attention", "dtype", "seed", "overrides")
+CHANGEABLE_ON_RESUME = ("steps", "lr", "warmup", "schedule", "weight_decay", "clip_norm")
+# Settings of one invocation, never taken from the saved run.
+PER_INVOCATION = ("resume", "stop_at", "allow_change")
+
+
 def _check(name, ok: bool, value, valid: str) -> None:
     if not ok:
         raise ValueError(f"{name}={value!r} is not valid: {valid}")
@@ -65,6 +77,8 @@ class RunConfig:
     # Save and stop after this many updates, as a pre-empted job would; resuming
     # continues to `steps`. For time-sliced clusters and the exact-resume test.
     stop_at: int | None = None
+    # On resume: settings of RESUME_LOCKED that may differ from the saved run's.
+    allow_change: tuple[str, ...] = ()
     overrides: tuple[tuple[str, object], ...] = ()  # extra model-config fields
     # none: one device; pmap: replicas on every local device; shard: jit over a
     # data x fsdp x tensor mesh (transformer_jax.parallel).
@@ -87,8 +101,13 @@ class RunConfig:
         _check("seq_len", self.seq_len >= 8, self.seq_len, "must be at least 8")
         _check("lr", isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
                self.lr, "must be a positive finite number")
-        _check("warmup", isinstance(self.warmup, int) and 0 <= self.warmup <= self.steps,
-               self.warmup, f"must be an integer in [0, steps={self.steps}]")
+        _check("warmup", isinstance(self.warmup, int) and 0 <= self.warmup < self.steps,
+               self.warmup, f"must be an integer in [0, steps={self.steps}): the schedule warms up "
+               "for --warmup updates, then decays until --steps; lower --warmup or raise --steps")
+        max_len = dict(self.overrides).get("max_len", _preset_max_len(self.model))
+        _check("seq_len", self.seq_len <= max_len, self.seq_len,
+               f"{self.model} has max_len={max_len} positions; use --seq-len <= {max_len} (a "
+               "RunConfig can raise it with overrides=(('max_len', N),))")
         _check("schedule", self.schedule in SCHEDULES, self.schedule, f"one of {', '.join(SCHEDULES)}")
         _check("dtype", self.dtype in ("float32", "bfloat16", "float16"), self.dtype,
                "one of float32, bfloat16, float16")
@@ -104,6 +123,9 @@ class RunConfig:
                f"--mesh is only used with --parallel shard (got --parallel {self.parallel})")
         if self.mesh is not None:
             MeshConfig.parse(self.mesh)   # ValueError naming the bad part
+        bad = [k for k in self.allow_change if k not in CHANGEABLE_ON_RESUME]
+        _check("allow_change", not bad, ",".join(bad),
+               f"settings that may change on resume are {', '.join(CHANGEABLE_ON_RESUME)}")
 
     @property
     def data_task(self) -> str:
@@ -112,10 +134,58 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["overrides"] = [list(kv) for kv in self.overrides]
+        d["allow_change"] = list(self.allow_change)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         d = dict(d)
         d["overrides"] = tuple(tuple(kv) for kv in d.get("overrides", ()))
+        d["allow_change"] = tuple(d.get("allow_change", ()))
         return cls(**d)
+
+    def resume_changes(self, saved: "RunConfig") -> dict[str, tuple]:
+        """{field: (saved, now)} for the RESUME_LOCKED settings that differ from `saved`;
+        ValueError if any is not in `allow_change`."""
+        changed = {k: (getattr(saved, k), getattr(self, k)) for k in RESUME_LOCKED
+                   if getattr(saved, k) != getattr(self, k)}
+        refused = {k: v for k, v in changed.items() if k not in self.allow_change}
+        if refused:
+            raise ValueError(_refusal(saved, refused, self.out_dir))
+        return changed
+
+    @classmethod
+    def resumed(cls, saved: "RunConfig", given: dict) -> "RunConfig":
+        """The saved run's settings with `given` (field -> value, what the user typed)
+        on top, for --resume; the settings of one invocation (PER_INVOCATION) are not
+        inherited. ValueError naming the flags if a locked setting would change."""
+        d = {**saved.to_dict(), **{k: getattr(cls(), k) for k in PER_INVOCATION}, "resume": True}
+        d.update(given)
+        d["allow_change"] = tuple(d.get("allow_change") or ())
+        probe = {k: d[k] for k in RESUME_LOCKED}
+        refused = {k: (getattr(saved, k), probe[k]) for k in RESUME_LOCKED
+                   if _comparable(probe[k]) != _comparable(getattr(saved, k))
+                   and k not in d["allow_change"]}
+        if refused:   # before building, so --task mlm on a GPT run is named as such
+            raise ValueError(_refusal(saved, refused, d["out_dir"]))
+        return cls.from_dict(d)
+
+
+def _comparable(value):
+    return tuple(map(tuple, value)) if isinstance(value, (list, tuple)) else value
+
+
+def _preset_max_len(model: str) -> int:
+    from transformer_jax.models.configs import get_config
+    return get_config(model).max_len
+
+
+def _refusal(saved: "RunConfig", refused: dict, out_dir: str) -> str:
+    flags = ", ".join(f"--{k.replace('_', '-')} {now!r} (saved {was!r})"
+                      for k, (was, now) in refused.items())
+    what = f"this run is a {saved.model} {saved.task} run"
+    fixable = [k for k in refused if k in CHANGEABLE_ON_RESUME]
+    hint = (f"; to change it anyway, add --allow-change {','.join(fixable)}"
+            if fixable and len(fixable) == len(refused) else
+            "; leave these flags out (--resume takes the saved settings) or choose another --out")
+    return f"cannot resume {out_dir}: {what}, and {flags} would change the run{hint}"

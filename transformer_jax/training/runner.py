@@ -10,8 +10,9 @@ A run directory holds
 """
 from __future__ import annotations
 
-import json
+import os
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -26,6 +27,7 @@ from transformer_jax.training.divergence import DivergenceMonitor
 from transformer_jax.training.metrics import measure_matmul_peak, model_flops_per_token, throughput
 from transformer_jax.training.optim import learning_rate_fn, make_optimizer
 from transformer_jax.training.run_config import RunConfig
+from transformer_jax.training.run_files import MetricsLog, plot_losses, write_summary
 from transformer_jax.training.schedules import make_schedule
 from transformer_jax.training.signals import GracefulShutdown
 from transformer_jax.training.step import mean_metrics
@@ -42,9 +44,10 @@ def data_config(run: RunConfig):
 
 
 def model_config(run: RunConfig, vocab_size: int):
-    """The preset's config with the run's vocabulary, length, dtype and overrides."""
+    """The preset's config with the run's vocabulary, dtype and overrides (its max_len
+    stays: RunConfig refuses a --seq-len beyond it rather than growing the table)."""
     base = get_config(run.model)
-    fields = dict(vocab_size=vocab_size, max_len=max(base.max_len, run.seq_len + 1), dtype=run.dtype)
+    fields = dict(vocab_size=vocab_size, dtype=run.dtype)
     if run.norm_placement:
         fields["norm_placement"] = run.norm_placement
     if run.attention:
@@ -53,41 +56,59 @@ def model_config(run: RunConfig, vocab_size: int):
     return base.replace(**fields)
 
 
-def _prepare_out_dir(run: RunConfig) -> Path:
+def check_out_dir(run: RunConfig) -> Path:
+    """The run directory, checked (nothing is written): it can be created, and a fresh
+    run does not mix its files with an earlier run's, nor a resume lack a checkpoint."""
     out = Path(run.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory; choose another --out")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r} cannot be written: no write permission on "
+                         f"{str(parent)!r}; choose another --out")
     ckpt = out / "checkpoints"
-    if ckpt.is_dir() and any(ckpt.iterdir()) and not run.resume:
-        raise ValueError(f"out_dir={str(out)!r} already holds checkpoints; pass --resume to continue "
-                         "that run, or choose another --out (nothing was overwritten)")
-    if run.resume and not ckpt.is_dir():
-        raise ValueError(f"--resume was given but {ckpt} does not exist; start without --resume")
-    out.mkdir(parents=True, exist_ok=True)
+    has_ckpt = ckpt.is_dir() and any(ckpt.iterdir())
+    if run.resume and not has_ckpt:
+        raise ValueError(f"--resume: {str(out)!r} holds no checkpoint to resume from (a run "
+                         f"saves every --save-every updates and when it stops); start afresh "
+                         "with another --out")
+    if not run.resume:
+        earlier = [n for n in ("checkpoints", "tokenizer", "metrics.jsonl", "summary.json")
+                   if (out / n).exists() and (n != "checkpoints" or has_ckpt)]
+        if earlier:
+            hint = ("pass --resume to continue that run, or" if has_ckpt else
+                    "it saved no checkpoint to resume from; delete them or")
+            raise ValueError(f"--out {str(out)!r} already holds {', '.join(earlier)} of an earlier "
+                             f"run; {hint} choose another --out (nothing was overwritten)")
     return out
 
 
+def saved_run(out_dir) -> tuple[RunConfig, int]:
+    """(run config, step) of the newest checkpoint in `out_dir`, for --resume."""
+    run = RunConfig(out_dir=str(out_dir), resume=True)
+    check_out_dir(run)
+    from transformer_jax.training.checkpoint import load_metadata
+    record = load_metadata(Path(out_dir) / "checkpoints")
+    return RunConfig.from_dict(record["metadata"]["run"]), int(record["step"])
+
+
 def _datasets(run: RunConfig, out: Path):
+    """(tokenizer, train, valid): the run's own tokenizer on resume; nothing is written."""
     tok_dir = out / "tokenizer"
     tokenizer = Tokenizer.from_file(tok_dir) if run.resume and tok_dir.is_dir() else None
-    corpus = load_corpus(run.data, max_documents=run.max_documents)
-    tokenizer, train_ds, valid_ds = make_datasets(run.data_task, corpus, data_config(run),
-                                                  vocab_size=run.vocab_size, tokenizer=tokenizer)
-    if not tok_dir.is_dir():
-        tokenizer.save(tok_dir)
-    return tokenizer, train_ds, valid_ds
-
-
-class _Log:
-    """Appends JSON lines; floats only, so any tool can read them."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        """Append one JSON line; array scalars become floats."""
-        clean = {k: (float(v) if isinstance(v, (np.floating, np.ndarray, jax.Array)) else v)
-                 for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+    try:
+        corpus = load_corpus(run.data, max_documents=run.max_documents)
+        return make_datasets(run.data_task, corpus, data_config(run), vocab_size=run.vocab_size,
+                             tokenizer=tokenizer)
+    except UnicodeDecodeError as e:   # raised while the documents are read, lazily
+        raise ValueError(f"--data {run.data!r}: a file is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start}); give text files") from e
+    except ValueError as e:
+        raise ValueError(f"--data {run.data!r}: {e}" if run.data is not None else str(e)) from e
 
 
 def evaluate(eval_fn, state, valid_ds, run: RunConfig) -> dict:
@@ -97,10 +118,12 @@ def evaluate(eval_fn, state, valid_ds, run: RunConfig) -> dict:
     return mean_metrics([jax.device_get(eval_fn(state, b)) for b in batches])
 
 
-def _peak_flops(run: RunConfig) -> float:
+def _peak_flops(run: RunConfig) -> float | None:
+    """None with --peak-tflops (a fixed peak); else the best of a few matmul timings."""
     if run.peak_tflops:
-        return run.peak_tflops * 1e12
-    return measure_matmul_peak("float32" if run.dtype == "float32" else run.dtype, size=1024)
+        return None
+    return measure_matmul_peak("float32" if run.dtype == "float32" else run.dtype, size=1024,
+                               repeats=10)
 
 
 def optimizer(run: RunConfig):
@@ -111,16 +134,16 @@ def optimizer(run: RunConfig):
     return tx, learning_rate_fn(schedule, run.accumulation)
 
 
-def build(run: RunConfig, out: Path, strategy: Strategy | None = None):
-    """(tokenizer, datasets, model config, task, train state) for a run; the state is
-    created as the parallel strategy places it (sharded at creation for --parallel shard)."""
-    tokenizer, train_ds, valid_ds = _datasets(run, out)
-    config = model_config(run, tokenizer.vocab_size)
-    task = get_task({"bert": "mlm", "gpt": "lm", "seq2seq": "seq2seq"}[run.data_task])
+def _task(run: RunConfig):
+    return get_task({"bert": "mlm", "gpt": "lm", "seq2seq": "seq2seq"}[run.data_task])
+
+
+def fresh_state(run: RunConfig, config, strategy: Strategy | None = None):
+    """The run's initial train state (a pure function of its seed), placed as the
+    parallel strategy places it (sharded at creation for --parallel shard)."""
     tx, lr_fn = optimizer(run)
-    state = (strategy or Strategy()).create_state(config, tx, jax.random.PRNGKey(run.seed),
-                                                  task=task.name, lr_fn=lr_fn)
-    return tokenizer, train_ds, valid_ds, config, task, state
+    return (strategy or Strategy()).create_state(config, tx, jax.random.PRNGKey(run.seed),
+                                                 task=_task(run).name, lr_fn=lr_fn)
 
 
 def _restore(ckpt: Checkpointer, state, config, iterator, monitor, run: RunConfig):
@@ -128,81 +151,124 @@ def _restore(ckpt: Checkpointer, state, config, iterator, monitor, run: RunConfi
         return state
     state, record = ckpt.restore(state, config=config)
     meta = record["metadata"]
-    saved = RunConfig.from_dict(meta["run"])
-    changed = [k for k in ("model", "task", "seq_len", "batch_size", "seed", "accumulation",
-                           "lr", "warmup", "schedule", "vocab_size", "data")
-               if getattr(saved, k) != getattr(run, k)]
-    if changed:
-        raise ValueError(f"cannot resume {ckpt.directory}: run settings differ from the saved run: "
-                         + "; ".join(f"{k}: saved {getattr(saved, k)!r}, now {getattr(run, k)!r}"
-                                     for k in changed))
+    run.resume_changes(RunConfig.from_dict(meta["run"]))   # ValueError naming the flags
     iterator.restore(meta["iterator"])
     monitor.load_state_dict(meta["monitor"])
     return state
 
 
-def _save(ckpt, state, config, run, iterator, monitor, *, force=False) -> bool:
-    meta = {"run": run.to_dict(), "iterator": iterator.state(), "monitor": monitor.state_dict(),
+def _save(ckpt, state, config, run, iterator, monitor_state: dict, *, force=False) -> bool:
+    meta = {"run": run.to_dict(), "iterator": iterator.state(), "monitor": monitor_state,
             "tokenizer": "tokenizer"}
     return ckpt.save(int(state.step), state, config=config, metadata=meta, force=force)
 
 
+def _last_good(state, good_step: int, loop) -> object:
+    """The state after `good_step` micro-steps. Steps after a skipped (non-finite) one
+    may have been applied before the host saw it, so the state is rebuilt: the newest
+    checkpoint (all are verified good) or the initial state, then the same batches
+    again (batch i and the dropout key of step i are pure functions of i: exact)."""
+    host, iterator = loop.strategy.host_state, loop.iterator
+    if int(host(state).step) != good_step:
+        steps = [s for s in loop.ckpt.all_steps() if s <= good_step]
+        if steps:
+            restored, record = loop.ckpt.restore(host(state), step=steps[-1], config=loop.config)
+            state = loop.strategy.place_state(restored)
+            iterator.restore(record["metadata"]["iterator"])
+        else:
+            state = loop.strategy.place_state(fresh_state(loop.run, loop.config, loop.strategy))
+            iterator.restore({**iterator.state(), "step": 0})
+        while iterator.step < good_step:
+            state, _ = loop.step_fn(state, next(iterator))
+    iterator.restore({**iterator.state(), "step": good_step})
+    return state
+
+
 def train(run: RunConfig, *, progress: bool = True) -> dict:
     """Runs (or resumes) training; returns the summary record also written to
-    `summary.json`. Divergence and interruption end the run cleanly, never raise."""
+    `summary.json`. Divergence and interruption end the run cleanly, never raise.
+    Every setting is checked, and the data read, before anything is written."""
+    config = model_config(run, run.vocab_size)
+    optimizer(run)   # the schedule's checks
     # Checked before any work: mesh vs devices, heads vs tensor, batch vs data x fsdp.
-    strategy = make_strategy(run.parallel, run.mesh, batch_size=run.batch_size,
-                             config=model_config(run, run.vocab_size))
-    out = _prepare_out_dir(run)
-    tokenizer, train_ds, valid_ds, config, task, state = build(run, out, strategy)
-    micro_steps = run.steps * run.accumulation
-    iterator = BatchIterator(train_ds, run.batch_size, seed=run.seed)
-    monitor = DivergenceMonitor()
-    log = _Log(out / "metrics.jsonl")
-    step_fn, eval_fn = strategy.train_step(task, detailed=run.layer_norms), strategy.eval_step(task)
-    host = strategy.host_state   # the state evaluation and checkpoints see
+    strategy = make_strategy(run.parallel, run.mesh, batch_size=run.batch_size, config=config)
+    out = check_out_dir(run)
+    tokenizer, train_ds, valid_ds = _datasets(run, out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "tokenizer").is_dir():
+        tokenizer.save(out / "tokenizer")
+    config = model_config(run, tokenizer.vocab_size)
+    state = fresh_state(run, config, strategy)
+    task = _task(run)
+    # What the loop and its helpers share (checkpointer added once open).
+    loop = types.SimpleNamespace(run=run, config=config, strategy=strategy, iterator=BatchIterator(
+        train_ds, run.batch_size, seed=run.seed), step_fn=strategy.train_step(task, detailed=run.layer_norms))
+    monitor, log = DivergenceMonitor(), MetricsLog(out / "metrics.jsonl")
+    eval_fn, host = strategy.eval_step(task), strategy.host_state
     flops_per_token = model_flops_per_token(config, run.seq_len)
-    peak = _peak_flops(run)
+    peaks = [p for p in [_peak_flops(run)] if p]
+    peak = run.peak_tflops * 1e12 if run.peak_tflops else peaks[0]
     summary = {"status": "completed", "diverged_at": None, "run": run.to_dict(),
                "num_params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
     with Checkpointer(out / "checkpoints", save_interval_steps=run.save_every,
                       max_to_keep=run.keep) as ckpt, GracefulShutdown() as stop:
-        state = strategy.place_state(_restore(ckpt, state, config, iterator, monitor, run))
+        loop.ckpt = ckpt
+        state = strategy.place_state(_restore(ckpt, state, config, loop.iterator, monitor, run))
         start_step = int(host(state).step)
-        first_eval = evaluate(eval_fn, host(state), valid_ds, run)
-        log.write({"step": start_step, "kind": "eval", **first_eval})
-        summary["initial_val_loss"] = first_eval["loss"]
-        bar = _progress(progress, start_step, micro_steps)
-        stop_step = min(micro_steps, (run.stop_at or run.steps) * run.accumulation)
-        tic, tokens, pending, step = time.perf_counter(), 0, [], start_step
-        while step < stop_step:
-            batch = next(iterator)
-            tokens += task.num_tokens(batch)
-            state, metrics = step_fn(state, batch)
-            pending.append(metrics)
-            step += 1
-            if len(pending) >= run.log_every or stop.requested or step == stop_step:
-                speed = throughput(tokens, time.perf_counter() - tic, flops_per_token, peak)
-                diverged = _flush(pending, monitor, log, speed, step - len(pending) + 1, bar)
-                tic, tokens, pending = time.perf_counter(), 0, []
-                if diverged is not None:
-                    # Non-finite updates were skipped, so the state (and the last
-                    # checkpoint) is the last good one; nothing more is saved.
-                    summary.update(status="diverged", diverged_at=diverged)
-                    break
-            if stop.requested:
-                summary["status"] = "interrupted"
-                break
-            if step % run.eval_every == 0:
-                log.write({"step": step, "kind": "eval",
-                           **evaluate(eval_fn, host(state), valid_ds, run)})
-            _save(ckpt, host(state), config, run, iterator, monitor)
-        if summary["status"] == "completed" and step < micro_steps:
+        if run.resume:
+            summary["resumed_from"] = start_step
+            log.truncate(start_step)   # a crashed session logged past its last checkpoint
+        first = next((r for r in log.read() if r.get("kind") == "eval" and r["step"] == 0), None)
+        if first is None:
+            first = {"step": start_step, "kind": "eval", **evaluate(eval_fn, host(state), valid_ds, run)}
+            log.write(first)
+        summary["initial_val_loss"] = first["loss"]
+        state, step = _run_steps(state, start_step, loop, task, monitor, log, summary, stop,
+                                 (eval_fn, valid_ds, flops_per_token, peak, progress))
+        if summary["status"] == "completed" and step < run.steps * run.accumulation:
             summary["status"] = "stopped"
-        if summary["status"] != "diverged":
-            _save(ckpt, host(state), config, run, iterator, monitor, force=True)
-        bar.close()
-    return _finish(out, summary, host(state), eval_fn, valid_ds, run, monitor)
+        monitor_state = {**monitor.state_dict(), "diverged_at": None}   # as of the saved step
+        _save(ckpt, host(state), config, run, loop.iterator, monitor_state, force=True)
+    if not run.peak_tflops:
+        peaks.append(_peak_flops(run))
+    return _finish(out, summary, host(state), eval_fn, valid_ds, run, monitor, flops_per_token, peaks)
+
+
+def _run_steps(state, step, loop, task, monitor, log, summary, stop, extra):
+    """The update loop from micro-step `step`; -> (state, step). Flushes (checks) the
+    pending metrics before every evaluation and checkpoint, so that a checkpoint only
+    ever holds verified steps; on divergence, the state becomes the last good one."""
+    eval_fn, valid_ds, flops_per_token, peak, progress = extra
+    run, host = loop.run, loop.strategy.host_state
+    total = run.steps * run.accumulation
+    stop_step = min(total, (run.stop_at or run.steps) * run.accumulation)
+    bar = _progress(progress, step, total)
+    tic, tokens, pending = time.perf_counter(), 0, []
+    while step < stop_step:
+        batch = next(loop.iterator)
+        tokens += task.num_tokens(batch)
+        state, metrics = loop.step_fn(state, batch)
+        pending.append(metrics)
+        step += 1
+        boundary = step % run.eval_every == 0 or step % run.save_every == 0
+        if len(pending) >= run.log_every or stop.requested or step == stop_step or boundary:
+            speed = throughput(tokens, time.perf_counter() - tic, flops_per_token, peak)
+            diverged = _flush(pending, monitor, log, speed, step - len(pending) + 1, bar)
+            tic, tokens, pending = time.perf_counter(), 0, []
+            if diverged is not None:
+                summary.update(status="diverged", diverged_at=diverged)
+                state, step = _last_good(state, diverged - 1, loop), diverged - 1
+                break
+        if stop.requested:
+            summary["status"] = "interrupted"
+            break
+        if step % run.eval_every == 0:
+            log.write({"step": step, "kind": "eval", **evaluate(eval_fn, host(state), valid_ds, run)})
+        if step % run.save_every == 0:   # just flushed: every step so far is verified
+            _save(loop.ckpt, host(state), loop.config, run, loop.iterator,
+                  {**monitor.state_dict(), "diverged_at": None})
+    bar.close()
+    return state, step
 
 
 def _progress(enabled: bool, start: int, total: int):
@@ -228,36 +294,31 @@ def _flush(pending, monitor, log, speed, first_step, bar) -> int | None:
     return None
 
 
-def _finish(out: Path, summary: dict, state, eval_fn, valid_ds, run, monitor) -> dict:
+def _finish(out: Path, summary: dict, state, eval_fn, valid_ds, run, monitor, flops_per_token,
+            peaks: list[float]) -> dict:
     final = evaluate(eval_fn, state, valid_ds, run)
-    _Log(out / "metrics.jsonl").write({"step": int(state.step), "kind": "final_eval", **final})
+    log = MetricsLog(out / "metrics.jsonl")
+    log.write({"step": int(state.step), "kind": "final_eval", **final})
     summary.update(step=int(state.step), final_val_loss=final["loss"],
                    final_val_perplexity=final["perplexity"], loss_spikes=monitor.num_spikes)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    speeds = [r["tokens_per_sec"] for r in records if r.get("kind") == "train"]
-    if speeds:
-        summary["tokens_per_sec"] = float(np.median(speeds))
-        summary["mfu"] = float(np.median([r.get("mfu", 0.0) for r in records if r.get("kind") == "train"]))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    records = log.read()
+    summary.update(_speed_summary(records, run, peaks))
+    write_summary(out / "summary.json", summary)
     plot_losses(records, out / "loss.png", title=f"{run.model} / {run.task}")
     return summary
 
 
-def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
-    """`loss.png`: train and validation loss against step, from metrics.jsonl records."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, style in (("train", "-"), ("eval", "o-")):
-        pts = [(r["step"], r["loss"]) for r in records if r.get("kind") == kind]
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"{'validation' if kind == 'eval' else kind} loss",
-                    markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _speed_summary(records: list[dict], run: RunConfig, peaks: list[float]) -> dict:
+    """Median tokens/s and MFU over the logged steps. The measured peak is the best of
+    the matmul timings at start-up and at the end (a shared machine slows some of
+    them); mfu_range is the MFU under the slowest and the fastest of those peaks."""
+    train = [r for r in records if r.get("kind") == "train" and r.get("tokens_per_sec")]
+    if not train:
+        return {}
+    flops = float(np.median([r["model_flops_per_sec"] for r in train]))
+    peak = run.peak_tflops * 1e12 if run.peak_tflops else max(peaks)
+    out = {"tokens_per_sec": float(np.median([r["tokens_per_sec"] for r in train])),
+           "mfu": flops / peak, "peak_flops": peak}
+    if not run.peak_tflops:
+        out.update(peak_flops_measured=peaks, mfu_range=[flops / max(peaks), flops / min(peaks)])
+    return out

@@ -1,14 +1,27 @@
 """Learning-rate schedules: linear warm-up from 0 to the peak, then a decay.
 
+    warm-up    peak * step / warmup                      for step < warmup
     constant   peak
     linear     peak -> 0 linearly at total_steps
     cosine     peak * 0.5 * (1 + cos(pi * t)),  t = (step - warmup) / (total - warmup)
                (Loshchilov & Hutter 2017, arXiv 1608.03983, without restarts)
-    rsqrt      peak * sqrt(warmup / step): Vaswani et al. 2017 (arXiv 1706.03762,
-               eq. 3) d^-0.5 * min(step^-0.5, step * warmup^-1.5), rescaled so that
-               its maximum (at step = warmup) is `peak_lr`. With warmup 0 it is
-               peak / sqrt(max(step, 1)).
+    rsqrt      peak * sqrt(warmup / step): the inverse square root of Vaswani et al.
+               2017 (arXiv 1706.03762, eq. 3) d^-0.5 * min(step^-0.5, step * warmup^-1.5),
+               rescaled so that its maximum (at step = warmup) is `peak_lr`; the same
+               as fairseq's `inverse_sqrt` (warmup_init_lr 0), the schedule of Xiong
+               et al. 2020 (arXiv 2002.04745). With warmup 0 it is peak / sqrt(max(step, 1)).
 `step` counts optimizer updates (0 for the first). Decays stay at 0 after total_steps.
+
+Warm-up convention: step / warmup, so the first update (step 0) has learning rate
+0 and the update at step = warmup is the first at the peak; warmup = 0 means the
+peak from the first update. This is what BERT's TF code (global_step / warmup),
+fairseq (num_updates * lr_step), Hugging Face (`get_linear_schedule_with_warmup`)
+and optax (`warmup_*_schedule`) do, so a "warm-up of T steps" means the same here
+as in the papers run with them.
+
+`learning_rate_at` is the one implementation: every argument but `decay` may be a
+traced array (per-run values inside `jit(vmap(...))`); `make_schedule` is the
+validated optax schedule built on it.
 """
 from __future__ import annotations
 
@@ -19,19 +32,53 @@ import jax.numpy as jnp
 import optax
 
 
-def _rsqrt(peak_lr: float, warmup_steps: int) -> optax.Schedule:
-    # Called with steps counted from the end of warm-up (optax.join_schedules).
-    offset = max(warmup_steps, 1)
-    return lambda count: peak_lr * jnp.sqrt(offset / jnp.maximum(count + warmup_steps, offset))
+def _constant(s, w, total):
+    return jnp.ones_like(s)
 
 
-SCHEDULES: dict[str, Callable[[float, int, int], optax.Schedule]] = {
-    "constant": lambda peak, warmup, total: optax.constant_schedule(peak),
-    "linear": lambda peak, warmup, total: optax.linear_schedule(peak, 0.0, total - warmup),
-    "cosine": lambda peak, warmup, total: optax.cosine_decay_schedule(peak, total - warmup),
-    "rsqrt": lambda peak, warmup, total: _rsqrt(peak, warmup),
+def _progress(s, w, total):
+    """(step - warmup) / (total - warmup), clipped to [0, 1]."""
+    return jnp.clip((s - w) / jnp.maximum(total - w, 1.0), 0.0, 1.0)
+
+
+def _rsqrt(s, w, total):
+    w1 = jnp.maximum(w, 1.0)
+    return jnp.sqrt(w1 / jnp.maximum(s, w1))
+
+
+# name -> multiplier of the peak after warm-up, a function of (step, warmup, total)
+# as float32 arrays; it is 1 at step = warmup.
+SCHEDULES: dict[str, Callable] = {
+    "constant": _constant,
+    "linear": lambda s, w, total: 1.0 - _progress(s, w, total),
+    "cosine": lambda s, w, total: 0.5 * (1.0 + jnp.cos(jnp.pi * _progress(s, w, total))),
+    "rsqrt": _rsqrt,
 }
 DECAYING = ("linear", "cosine")
+
+
+def warmup_factor(step, warmup_steps):
+    """step / warmup_steps below warmup_steps, else 1 (1 from the start when warmup_steps
+    is 0); any of them may be traced arrays, broadcast together -> float32."""
+    s = jnp.asarray(step, jnp.float32)
+    w = jnp.asarray(warmup_steps, jnp.float32)
+    return jnp.where(s < w, s / jnp.maximum(w, 1.0), 1.0)
+
+
+def learning_rate_at(step, peak_lr, warmup_steps, decay: str = "constant", total_steps=None):
+    """Learning rate at update `step` (0 for the first): linear warm-up over
+    `warmup_steps` updates, then the decay `decay` (a key of SCHEDULES, static).
+    step, peak_lr, warmup_steps and total_steps may be traced arrays (float or int,
+    broadcast together) -> float32 array. Unvalidated: `make_schedule` checks values."""
+    if decay not in SCHEDULES:
+        raise ValueError(f"schedule={decay!r} is unknown; valid: {', '.join(SCHEDULES)}")
+    if decay in DECAYING and total_steps is None:
+        raise ValueError(f"total_steps=None, but schedule {decay!r} decays to 0 at total_steps")
+    s = jnp.asarray(step, jnp.float32)
+    w = jnp.asarray(warmup_steps, jnp.float32)
+    total = jnp.asarray(0.0 if total_steps is None else total_steps, jnp.float32)
+    after = SCHEDULES[decay](s, w, total)
+    return jnp.asarray(peak_lr, jnp.float32) * jnp.where(s < w, warmup_factor(s, w), after)
 
 
 def _check(name, peak_lr, warmup_steps, total_steps) -> None:
@@ -53,10 +100,5 @@ def make_schedule(name: str, peak_lr: float, warmup_steps: int = 0,
     """The optax schedule `name` (see module doc): int step (scalar or any shape) ->
     float32 learning rate of the same shape; ValueError names a bad argument."""
     _check(name, peak_lr, warmup_steps, total_steps)
-    after = SCHEDULES[name](float(peak_lr), warmup_steps, total_steps)
-    if warmup_steps == 0:
-        return after
-    # peak * step / warmup rather than optax.linear_schedule, whose (init - end) *
-    # (1 - t) + end form loses float32 precision at small steps.
-    warmup = lambda count: float(peak_lr) * jnp.asarray(count, jnp.float32) / warmup_steps
-    return optax.join_schedules([warmup, after], [warmup_steps])
+    peak = float(peak_lr)
+    return lambda count: learning_rate_at(count, peak, warmup_steps, name, total_steps)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transformer_jax._compat import donate_argnums
 from transformer_jax.training.metrics import global_norm, grouped_norms
 from transformer_jax.training.optim import SkipsNonFinite
 from transformer_jax.training.state import TrainState
@@ -131,7 +132,7 @@ def make_train_step(task: Task | str, *, donate: bool = True, detailed: bool = F
     reused for the new state, so the caller must not touch the old one).
     `detailed=True` adds per-layer gradient and update norms to the metrics."""
     return jax.jit(functools.partial(train_step, task=_resolve(task), detailed=detailed),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=donate_argnums(0, donate=donate))
 
 
 @functools.lru_cache(maxsize=32)

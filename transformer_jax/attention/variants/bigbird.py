@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.attention import functional
 from transformer_jax.attention.registry import AttentionVariant, register
 from transformer_jax.attention.variants import blocks, common
 
@@ -122,6 +123,7 @@ def bigbird_attention(q, k, v, *, mask=None, causal: bool = False, block_size: i
                       dropout_rng=None, deterministic: bool = True):
     """q `[..., n, heads, d]`, k/v `[..., n, kv_heads, d]`, mask key-only `[..., 1, n]`
     -> `[..., n, heads, d]`."""
+    functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)
     q, k, v, batch = common.flatten_qkv(q, k, v)

@@ -45,16 +45,22 @@ def _slice(x, start, size: int, axis: int):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _key_step(carry, ki, *, qq, q_start, k, v, mask, bias, causal, kc, scale, drop):
+def _key_chunks(ki, *, k, v, mask, bias, kc):
+    """Key chunk ki of k, v `[B, kc, H, d]` and of the mask / bias (key axis 3)."""
+    k_start = ki * kc
+    return (jax.lax.dynamic_slice_in_dim(k, k_start, kc, axis=1),
+            jax.lax.dynamic_slice_in_dim(v, k_start, kc, axis=1),
+            _slice(mask, k_start, kc, axis=3), _slice(bias, k_start, kc, axis=3))
+
+
+def _key_step(carry, chunks, ki, *, qq, q_start, causal, kc, scale, drop):
     """One online-softmax update of (max m, sum l, acc) with key chunk ki."""
     m, l, acc = carry  # [B, H, qc], [B, H, qc], [B, qc, H, d]
+    kk, vv, valid, bias = chunks
     k_start = ki * kc
-    kk = jax.lax.dynamic_slice_in_dim(k, k_start, kc, axis=1)
-    vv = jax.lax.dynamic_slice_in_dim(v, k_start, kc, axis=1)
     s = jnp.einsum("bqhd,bkhd->bhqk", qq, kk, preferred_element_type=jnp.float32) * scale
     if bias is not None:
-        s = s + _slice(bias, k_start, kc, axis=3).astype(jnp.float32)
-    valid = _slice(mask, k_start, kc, axis=3)
+        s = s + bias.astype(jnp.float32)
     if causal:
         q_pos = q_start + jnp.arange(qq.shape[1])[:, None]
         allowed = q_pos >= k_start + jnp.arange(kc)[None, :]
@@ -68,7 +74,7 @@ def _key_step(carry, ki, *, qq, q_start, k, v, mask, bias, causal, kc, scale, dr
     correction = jnp.exp(m - m_new)
     l = l * correction + p.sum(axis=-1)
     p = drop(p, ki)  # dropout of the normalised probs = dropout of p, since l uses undropped p
-    pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), vv, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
     acc = acc * jnp.swapaxes(correction, 1, 2)[..., None] + pv
     return m_new, l, acc
 
@@ -77,20 +83,27 @@ def _query_chunk(qi, *, q, k, v, mask, bias, causal, qc, kc, nk, scale, drop):
     """Attention output `[B, qc, H, d]` for query chunk qi against every key chunk."""
     q_start = qi * qc
     qq = jax.lax.dynamic_slice_in_dim(q, q_start, qc, axis=1)
-    mask_q = _slice(mask, q_start, qc, axis=2)
-    bias_q = _slice(bias, q_start, qc, axis=2)
     b, _, h, d = qq.shape
-    step = functools.partial(_key_step, qq=qq, q_start=q_start, k=k, v=v, mask=mask_q,
-                             bias=bias_q, causal=causal, kc=kc, scale=scale,
-                             drop=functools.partial(drop, qi))
+    slice_keys = functools.partial(_key_chunks, k=k, v=v, mask=_slice(mask, q_start, qc, axis=2),
+                                   bias=_slice(bias, q_start, qc, axis=2), kc=kc)
+    update = functools.partial(_key_step, qq=qq, q_start=q_start, causal=causal, kc=kc,
+                               scale=scale, drop=functools.partial(drop, qi))
+
+    def step(carry, ki):
+        chunks = slice_keys(ki)
+        if not causal:
+            return update(carry, chunks, ki)
+        # Key chunks entirely after the last query of this chunk contribute nothing, so a
+        # `cond` skips them (half the work). Its operands are the sliced chunks, never the
+        # whole k, v or mask: differentiating a `cond` saves its operands, and the key
+        # `scan` would stack a copy per key chunk (O(n²/kc) memory, issue 17).
+        return jax.lax.cond(ki * kc <= q_start + qc - 1, update, lambda c, *_: c,
+                            carry, chunks, ki)
+
     step = jax.checkpoint(step, prevent_cse=False)
 
     def body(carry, ki):
-        if not causal:
-            return step(carry, ki), None
-        # Key chunks entirely after the last query of this chunk contribute nothing.
-        needed = ki * kc <= q_start + qc - 1
-        return jax.lax.cond(needed, step, lambda c, _: c, carry, ki), None
+        return step(carry, ki), None
 
     init = (jnp.full((b, h, qc), common.NEG, jnp.float32), jnp.zeros((b, h, qc), jnp.float32),
             jnp.zeros((b, qc, h, d), jnp.float32))
@@ -108,9 +121,7 @@ def chunked_attention(q, k, v, *, mask=None, bias=None, causal: bool = False,
     so the largest score block is `[B, heads, query_chunk, key_chunk]`.
 
     Lengths that are not multiples of the chunks are padded; padded keys are masked."""
-    target = functional.scores_shape(q, k)
-    functional.check_broadcast("mask", mask, target)
-    functional.check_broadcast("bias", bias, target)
+    functional.check_mask_and_bias(q, k, mask, bias, kind=NAME)
     if causal and q.shape[-3] != k.shape[-3]:
         raise ValueError(f"causal attention needs q_len == kv_len, got {q.shape[-3]} and "
                          f"{k.shape[-3]}; pass an explicit mask for cached or offset queries")
@@ -158,4 +169,4 @@ def _validate(config, *, causal, position, attention_dropout):
     common.check_positive(NAME, "key_chunk", config.key_chunk)
 
 
-register(AttentionVariant(NAME, _fn, validate=_validate))
+register(AttentionVariant(NAME, _fn, validate=_validate, exact=True))

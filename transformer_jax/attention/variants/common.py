@@ -63,13 +63,11 @@ def key_valid(mask, batch, name: str):
     """Key-only mask broadcastable to `[*batch, heads, 1, kv]` -> `[B|1, H|1, kv]` bool.
 
     Sub-quadratic kernels never see a query-dependent mask: the models express
-    causality with the `causal` flag and padding as `[..., 1, 1, kv_len]`."""
+    causality with the `causal` flag and padding as `[..., 1, 1, kv_len]`. Its shape
+    against q, k is checked at the kernel's entry (`functional.check_mask_and_bias`)."""
     if mask is None:
         return None
-    if mask.ndim < 2 or mask.shape[-2] != 1:
-        raise ValueError(
-            f"attention.kind={name!r} takes only key padding masks of shape [..., 1, kv_len] "
-            f"(query axis of size 1); got mask of shape {tuple(mask.shape)}")
+    functional.check_key_only(name, mask)
     return flatten_lead(mask, batch, trailing=3)[:, :, 0, :].astype(bool)
 
 

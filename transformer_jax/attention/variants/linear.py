@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.attention import functional
 from transformer_jax.attention.registry import AttentionVariant, register
 from transformer_jax.attention.variants import blocks, common
 
@@ -76,6 +77,7 @@ def kernelized_attention(fq, fk, v, *, valid_k=None, causal: bool = False, chunk
 def linear_attention(q, k, v, *, mask=None, causal: bool = False, chunk: int = 64):
     """q `[..., n, heads, d]`, k/v `[..., s, kv_heads, d]`, key-only mask `[..., 1, s]`
     -> `[..., n, heads, d]`."""
+    functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)
     q, k, v, batch = common.flatten_qkv(q, k, v)

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.attention import functional
 from transformer_jax.attention.registry import AttentionVariant, register
 from transformer_jax.attention.variants import common
 
@@ -38,6 +39,7 @@ def linformer_attention(q, k, v, e, f, *, mask=None, dropout_rate: float = 0.0,
                         dropout_rng=None, deterministic: bool = True):
     """q `[..., n, heads, d]`, k/v `[..., s, kv_heads, d]`, key-only mask `[..., 1, s]`,
     e/f `[k, max_len]` (shared) or `[heads, k, max_len]` -> `[..., n, heads, d]`."""
+    functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)
     q, k, v, batch = common.flatten_qkv(q, k, v)

@@ -14,6 +14,7 @@ import math
 
 import jax.numpy as jnp
 
+from transformer_jax.attention import functional
 from transformer_jax.attention.registry import AttentionVariant, register
 from transformer_jax.attention.variants import blocks, common
 
@@ -47,6 +48,7 @@ def local_attention(q, k, v, *, mask=None, causal: bool = False, window: int = 1
                     dropout_rate: float = 0.0, dropout_rng=None, deterministic: bool = True):
     """q `[..., n, heads, d]`, k/v `[..., n, kv_heads, d]`, mask key-only
     `[..., 1, n]` -> `[..., n, heads, d]`."""
+    functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)              # [B|1, H|1, n]
     q, k, v, batch = common.flatten_qkv(q, k, v)

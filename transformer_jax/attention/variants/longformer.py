@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.attention import functional
 from transformer_jax.attention.registry import AttentionVariant, register
 from transformer_jax.attention.variants import blocks, common
 from transformer_jax.attention.variants.local import band, neighbour_layout
@@ -42,9 +43,13 @@ def global_tokens(n: int, positions, global_mask, batch, max_global: int):
     flags[0, positions] = True
     if global_mask is None:
         return jnp.asarray([positions], jnp.int32), jnp.ones((1, len(positions)), bool), flags
-    if global_mask.shape[-1] != n:
-        raise ValueError(f"longformer global_mask of shape {tuple(global_mask.shape)} must end in "
-                         f"the sequence length {n}")
+    try:
+        fits = jnp.broadcast_shapes(global_mask.shape, (*batch, n)) == (*batch, n)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"longformer global_mask of shape {tuple(global_mask.shape)} must "
+                         f"broadcast to [batch..., seq] = {(*batch, n)}")
     flags = common.flatten_lead(jnp.asarray(global_mask, bool), batch, trailing=1) | flags
     g = min(max_global, n)
     flags = flags & (jnp.cumsum(flags, axis=-1) <= g)  # keep the first g flagged tokens
@@ -142,6 +147,7 @@ def longformer_attention(q, k, v, *, mask=None, causal: bool = False, window: in
                          dropout_rate: float = 0.0, dropout_rng=None, deterministic: bool = True):
     """q `[..., n, heads, d]`, k/v `[..., n, kv_heads, d]`, mask key-only `[..., 1, n]`,
     global_mask bool `[..., n]` (optional) -> `[..., n, heads, d]`."""
+    functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)
     q, k, v, batch = common.flatten_qkv(q, k, v)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.attention import functional
 from transformer_jax.attention.registry import AttentionVariant, register
 from transformer_jax.attention.variants import common
 from transformer_jax.attention.variants.linear import kernelized_attention
@@ -72,6 +73,7 @@ def favor_features(x, w, *, is_query: bool, valid=None):
 def performer_attention(q, k, v, w, *, mask=None, causal: bool = False, chunk: int = 64):
     """q `[..., n, heads, d]`, k/v `[..., s, kv_heads, d]`, key-only mask `[..., 1, s]`,
     w `[m, d]` -> `[..., n, heads, d]`, an unbiased estimate of softmax attention."""
+    functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)
     q, k, v, batch = common.flatten_qkv(q, k, v)
