@@ -98,8 +98,7 @@ def test_ln_stability_notebook(tmp_path):
     assert "| claim | verdict |" in md
     for claim in ("1a.", "1b.", "2a.", "2b.", "3."):
         assert f"| {claim} " in md
-    verdicts = re.findall(r"\| \*\*(supported|partly supported|not reproduced at this scale|"
-                          r"not enough data)\*\* \|", md)
+    verdicts = re.findall(r"\| \*\*(supported|refuted|inconclusive)\*\* \|", md)
     assert len(verdicts) == 5
     assert "| post | 0 |" in md and "| pre | 10 |" in md         # the sweep table
     assert "(tolerance 0.0001): passed" in md                  # vmapped run == one by one
