@@ -44,21 +44,46 @@ from transformer_jax.training import (count_params, create_train_state, get_task
                                       make_optimizer, make_train_step, measure_matmul_peak,
                                       model_flops_per_token, task_for_config)
 from transformer_jax.training.metrics import program_bytes
+from transformer_jax.training.tasks import TASKS
 from transformer_jax.training.step import apply_grads, compute_grads, compute_loss
 
 
+# Upper bound (exclusive) of each integer batch field, from (model config, seq).
+_TOKEN_FIELDS = ("input_ids", "targets", "mlm_ids", "src_ids", "tgt_in", "tgt_out")
+INT_FIELD_LIMITS = {
+    **{name: lambda config, seq: config.vocab_size for name in _TOKEN_FIELDS},
+    "token_type_ids": lambda config, seq: config.type_vocab_size,
+    "mlm_positions": lambda config, seq: seq,
+    "nsp_labels": lambda config, seq: 2,
+}
+
+
+def _random_ints(name: str, shape: tuple, config, seq: int, rng) -> np.ndarray:
+    """Random int32 values of batch field `name` in its range; MLM positions are
+    distinct and sorted within a row, as the data pipeline's are."""
+    if name not in INT_FIELD_LIMITS:
+        raise ValueError(f"integer batch field {name!r} has no range in INT_FIELD_LIMITS; "
+                         f"known fields: {sorted(INT_FIELD_LIMITS)}")
+    high = INT_FIELD_LIMITS[name](config, seq)
+    if name == "mlm_positions":
+        rows = rng.permuted(np.tile(np.arange(high, dtype=np.int32), (shape[0], 1)), axis=1)
+        return np.sort(rows[:, :shape[1]], axis=1)
+    return rng.integers(0, high, size=shape, dtype=np.int32)
+
+
 def random_batch(task: str, config, batch: int, seq: int, seed: int = 0) -> dict:
+    """A batch of `task` with the fields, shapes and dtypes of its `example_batch`:
+    integer fields random in range (`INT_FIELD_LIMITS`), masks and weights as
+    `example_batch` gives them (every position real)."""
+    spec = get_task(task)
+    if spec.with_labels is not None:   # a head over a label set: not a pre-training step
+        raise ValueError(f"task={task!r}: the benchmark times pre-training tasks "
+                         f"({', '.join(n for n, t in TASKS.items() if t.with_labels is None)})")
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, config.vocab_size, size=(batch, seq + 1), dtype=np.int32)
-    if task == "lm":
-        return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-                "loss_mask": np.ones((batch, seq), np.float32)}
-    preds = max(1, round(0.15 * seq))  # Devlin et al.: 15% of tokens predicted
-    positions = np.sort(rng.permuted(np.tile(np.arange(1, seq), (batch, 1)), axis=1)[:, :preds], 1)
-    return {"input_ids": ids[:, :-1], "token_type_ids": (np.arange(seq) >= seq // 2)[None].repeat(batch, 0).astype(np.int32),
-            "attention_mask": np.ones((batch, seq), bool), "mlm_positions": positions.astype(np.int32),
-            "mlm_ids": ids[:, :preds], "mlm_weights": np.ones((batch, preds), np.float32),
-            "nsp_labels": rng.integers(0, 2, size=(batch,), dtype=np.int32)}
+    template = spec.example_batch(config, batch, seq)
+    return {name: (_random_ints(name, np.shape(value), config, seq, rng)
+                   if np.issubdtype(np.asarray(value).dtype, np.integer) else value)
+            for name, value in template.items()}
 
 
 def flops_per_token(config, params, task: str, batch: dict, seq: int) -> float:
@@ -252,7 +277,7 @@ def rows_of(base, base_fields: dict, args) -> list[tuple]:
     return rows
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="gpt2-small")
     p.add_argument("--batch", type=int, default=4)
@@ -271,30 +296,32 @@ def main(argv=None) -> None:
     p.add_argument("--set", action="append", default=[], help="baseline fields, e.g. vocab_pad_multiple=128")
     p.add_argument("--compare", action="append", default=[],
                    help="a variant row: field=value[,field=value] (attention=xla, donate=false, ...) or 'plain'")
-    args = p.parse_args(argv)
-    cpu = jax.default_backend() == "cpu"
-    dtype = args.dtype or ("float32" if cpu else "bfloat16")
+    return p
+
+
+def _rows(args, dtype: str) -> list[tuple]:
+    """The rows (`rows_of`) of the preset with `--set` applied as the baseline."""
     preset = get_config(args.preset, dtype=dtype, attention={"kind": args.attention},
                         dropout=0.0, attention_dropout=0.0)
     base_fields = {}
     for item in args.set:
         base_fields.update(_parse_fields(item))
-    rows = rows_of(preset, base_fields, args)
-    _, base, base_donate, base_options = rows[0]
-    task = task_for_config(base)
-    if args.cost_only:
-        print(f"{args.preset} batch {args.batch}x{args.seq}, {dtype}, compiled for {jax.default_backend()}")
-        print("| variant | TFLOP/step | GB accessed | program GB |\n|---|---|---|---|")
-        for name, config, donate, options in rows:
-            c = cost(config, task, args.batch, args.seq, donate, options)
-            print(f"| {name} | {c['tflop']:.2f} | {c['gb_accessed']:.1f} | {c['program_gb']:.2f} |",
-                  flush=True)
-        return
-    size = args.matmul_size or (2048 if cpu else 8192)
-    repeats = 5 if cpu else 20
-    ceiling = measure_matmul_peak(dtype, size, repeats) / 1e12
-    print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"flax {flax.__version__}; {args.preset} batch {args.batch}x{args.seq}, {dtype}", flush=True)
+    return rows_of(preset, base_fields, args)
+
+
+def _print_costs(args, rows, task: str, dtype: str) -> None:
+    print(f"{args.preset} batch {args.batch}x{args.seq}, {dtype}, compiled for {jax.default_backend()}")
+    print("| variant | TFLOP/step | GB accessed | program GB |\n|---|---|---|---|")
+    for name, config, donate, options in rows:
+        c = cost(config, task, args.batch, args.seq, donate, options)
+        print(f"| {name} | {c['tflop']:.2f} | {c['gb_accessed']:.1f} | {c['program_gb']:.2f} |",
+              flush=True)
+
+
+def _measure_rows(args, rows, task: str, ceiling_of) -> tuple[list, float]:
+    """(one `measure` result per row, None where it failed; the best matmul ceiling
+    seen). `ceiling_of()` measures the ceiling in TFLOP/s."""
+    ceiling = ceiling_of()
     results = []
     for name, config, donate, options in rows:
         try:
@@ -306,36 +333,68 @@ def main(argv=None) -> None:
             continue
         # Re-measure the ceiling beside every row and keep the best: on a shared
         # machine a single early measurement can land in a busy moment.
-        ceiling = max(ceiling, measure_matmul_peak(dtype, size, repeats) / 1e12)
+        ceiling = max(ceiling, ceiling_of())
         results.append(r)
         print(f"  {name}: {r['step_ms']:.2f} ms, {r['tokens_per_s']:,.0f} tok/s, "
               f"{r['model_tflops'] / ceiling:.1%} of {ceiling:.1f} TFLOP/s, compile {r['compile_s']:.1f} s, "
               f"{r['program_gb']:.2f} GB, loss {r['loss']:.5f}", flush=True)
-    if args.breakdown and results[0]:
-        parts = breakdown(base, task, args.batch, args.seq, args.steps, base_options)
-        print("baseline breakdown: " + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
-              + f", full step {results[0]['step_ms']:.2f} ms", flush=True)
-    if args.profile and results[0]:
-        compiled, state, batch = results[0].pop("run")
-        try:
-            print("baseline profile (5 steps, jax.profiler):\n"
-                  + trace_summary.profile(compiled, (state, batch), 5, args.profile,
-                                          donated=base_donate, step_ms=results[0]["step_ms"]),
-                  flush=True)
-        except Exception as e:  # a profiler problem must not lose the table below
-            print(f"profile: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-    print(f"\n{dtype} {size}^3 matmul ceiling (best seen in this process): {ceiling:.2f} TFLOP/s")
+    return results, ceiling
+
+
+def _print_breakdown(args, base, task: str, options, step_ms: float) -> None:
+    parts = breakdown(base, task, args.batch, args.seq, args.steps, options)
+    print("baseline breakdown: " + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
+          + f", full step {step_ms:.2f} ms", flush=True)
+
+
+def _print_profile(result: dict, directory: str, donated: bool) -> None:
+    compiled, state, batch = result.pop("run")
+    try:
+        print("baseline profile (5 steps, jax.profiler):\n"
+              + trace_summary.profile(compiled, (state, batch), 5, directory,
+                                      donated=donated, step_ms=result["step_ms"]),
+              flush=True)
+    except Exception as e:  # a profiler problem must not lose the table below
+        print(f"profile: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def _print_table(rows, results, ceiling: float) -> None:
+    base = results[0]
     print(f"| variant | step ms | tokens/s | model TFLOP/s | of ceiling | vs baseline | compile s "
-          f"| program GB | loss after {results[0]['steps'] if results[0] else '?'} steps |")
+          f"| program GB | loss after {base['steps'] if base else '?'} steps |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (name, *_), r in zip(rows, results):
         if r is None:
             print(f"| {name} | failed | | | | | | | |")
             continue
-        speed = f"{results[0]['step_ms'] / r['step_ms']:.2f}x" if results[0] else ""
+        speed = f"{base['step_ms'] / r['step_ms']:.2f}x" if base else ""
         print(f"| {name} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | {r['model_tflops']:.3g} "
               f"| {r['model_tflops'] / ceiling:.1%} | {speed} | {r['compile_s']:.1f} "
               f"| {r['program_gb']:.2f} | {r['loss']:.5f} |")
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    cpu = jax.default_backend() == "cpu"
+    dtype = args.dtype or ("float32" if cpu else "bfloat16")
+    rows = _rows(args, dtype)
+    _, base, base_donate, base_options = rows[0]
+    task = task_for_config(base)
+    if args.cost_only:
+        _print_costs(args, rows, task, dtype)
+        return
+    size = args.matmul_size or (2048 if cpu else 8192)
+    repeats = 5 if cpu else 20
+    print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"flax {flax.__version__}; {args.preset} batch {args.batch}x{args.seq}, {dtype}", flush=True)
+    results, ceiling = _measure_rows(
+        args, rows, task, lambda: measure_matmul_peak(dtype, size, repeats) / 1e12)
+    if args.breakdown and results[0]:
+        _print_breakdown(args, base, task, base_options, results[0]["step_ms"])
+    if args.profile and results[0]:
+        _print_profile(results[0], args.profile, base_donate)
+    print(f"\n{dtype} {size}^3 matmul ceiling (best seen in this process): {ceiling:.2f} TFLOP/s")
+    _print_table(rows, results, ceiling)
 
 
 if __name__ == "__main__":

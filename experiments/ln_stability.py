@@ -63,14 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _estimate_line(preset) -> str:
-    e = bench.estimate(preset)
-    return (f"estimate: ~{e['seconds'] / 60:.0f} min = {e['flops'] / 1e12:.1f} TFLOP of model "
-            f"arithmetic (6 N + attention per token) at an assumed "
-            f"{preset.device_flops / 1e12:g} TFLOP/s sustained ({preset.device}) + "
-            f"{e['programs']} XLA compilations at an assumed {preset.compile_s:g} s each")
-
-
 def main(argv=None) -> Path:
     args = parse_args(argv)
     preset = get_preset(args.preset)
@@ -85,7 +77,7 @@ def main(argv=None) -> Path:
     start, cpu0 = time.perf_counter(), _cpu_s()
     if not args.report_only:
         log(f"preset {preset.name} -> {out}")
-        log(_estimate_line(preset))
+        log(bench.estimate_line(preset))
         bench.run_gradnorm(preset, out, cache, log)
         for sweep in preset.sweeps:
             bench.run_sweep(preset, sweep, out, cache, log)

@@ -149,6 +149,18 @@ def run_pmap(task, ref, ref_params, ckpt_dir):
             "restored_leading_dims": sorted({x.shape[0] for x in jax.tree.leaves(restored.params)})}
 
 
+def logical_specs(config, task):
+    """Tree (like the params) of logical PartitionSpecs, read from an abstract init
+    with `logical_partitioning` on; unnamed parameters (norms) get PartitionSpec()."""
+    import flax.linen as nn
+    import jax
+    from transformer_jax.training.tasks import TASKS
+    boxed, spec = config.replace(logical_partitioning=True), TASKS[task]
+    batch, model = spec.example_batch(boxed, 1, boxed.max_len), spec.build_model(boxed)
+    init = lambda key: spec.apply(model.init, key, batch, deterministic=True)
+    return nn.get_partition_spec(jax.eval_shape(init, jax.random.PRNGKey(0))["params"])
+
+
 def sharding_record(state, specs) -> dict:
     """path -> [mesh spec, logical spec, shape of device 0's shard, global shape]."""
     import flax.traverse_util as tu
@@ -180,7 +192,7 @@ def run_sharded(task, mesh_text, ref_init, ref, ref_params, *, sharded_init: boo
         _, shardings = parallel.abstract_sharded_state(config, tx, mesh, task=task)
         state = jax.device_put(create_train_state(config, tx, key, task=task), shardings)
     rec = {"init_diff": max_diff(state.params, ref_init) if sharded_init else None,
-           "shardings": sharding_record(state, parallel.logical_param_specs(config, task))}
+           "shardings": sharding_record(state, logical_specs(config, task))}
     step = parallel.make_sharded_train_step(task, mesh, shardings, detailed=True)
     history = {"loss": [], "grad_norm": []}
     for i in range(STEPS):

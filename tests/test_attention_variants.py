@@ -524,3 +524,35 @@ def test_exact_flag_says_which_kernels_compute_full_softmax_attention(name):
     want = reference.attention(q, k, v, mask=mask)
     same = float(np.max(np.abs(np.asarray(got) - want))) < 1e-5
     assert same == variant.exact, (name, variant.exact)
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_cross_attention_flag_says_which_kernels_serve_cross_attention(name):
+    """`AttentionVariant.cross_attention` keeps a kernel in a decoder's cross-attention
+    (`blocks.cross_attention_config`): a flagged kernel must equal softmax attention with
+    q_len != kv_len under a random key mask; any other kind is replaced by "xla" there."""
+    from transformer_jax.blocks import cross_attention_config
+    config = AttentionConfig(kind=name, query_chunk=4, key_chunk=4)
+    variant = registry.get(name)
+    if not variant.cross_attention:
+        assert cross_attention_config(config) == config.replace(kind="xla")
+        return
+    assert cross_attention_config(config) is config
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((B, 5, H, D), np.float32)
+    k, v = (rng.standard_normal((B, 11, KV, D), np.float32) for _ in range(2))
+    keys = rng.random((B, 11)) < 0.5
+    keys[np.arange(B), rng.integers(0, 11, B)] = True  # every row has a key to attend to
+    mask = keys[:, None, None, :]
+    if name == "cudnn" and registry.cudnn_unavailable_reason(jnp.bfloat16):
+        # No GPU: the same code on XLA's implementation of jax.nn.dot_product_attention.
+        got = registry.flash_attention(q, k, v, mask=mask, implementation="xla")
+    else:
+        if name == "cudnn":
+            q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+        got = variant.fn(q, k, v, mask=mask, bias=None, causal=False, config=config, extra={},
+                         dropout_rate=0.0, dropout_rng=None, deterministic=True)
+    tol = 3e-2 if name == "cudnn" and got.dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float64),
+                               reference.attention(q.astype(np.float32), k.astype(np.float32),
+                                                   v.astype(np.float32), mask=mask), atol=tol)

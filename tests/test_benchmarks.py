@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import re
 
+import chex
+import numpy as np
+import pytest
+
 from experiments import bench_throughput, trace_summary
+from transformer_jax.models import get_config
+from transformer_jax.training import task_for_config
+from transformer_jax.training.tasks import TASKS
 
 HLO = """\
 HloModule jit_train_step
@@ -91,3 +98,33 @@ def test_cost_only_compiles_rows_without_running(capsys):
                       capsys.readouterr().out, re.M)
     assert [r[0] for r in rows] == ["baseline", "loss_chunk=8", "xla_cpu_enable_fast_math=false"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_random_batch_has_each_tasks_fields_and_ids_in_range():
+    """Every task gets its own fields, shapes and dtypes (those of its example batch),
+    random integer fields inside the ranges its model accepts, and real-token masks."""
+    pretraining = [n for n, t in TASKS.items() if t.with_labels is None]
+    configs = {task_for_config(c): c for c in map(get_config, ("bert-tiny", "gpt-tiny",
+                                                               "transformer-tiny"))}
+    assert set(configs) == set(pretraining)  # a new pre-training task needs a config here
+    for name in set(TASKS) - set(pretraining):   # fine-tuning heads are not benchmarked
+        with pytest.raises(ValueError, match=f"task={name!r}: the benchmark times pre-training"):
+            bench_throughput.random_batch(name, configs["mlm"], 2, 8)
+    batch, seq = 8, 24
+    for name in pretraining:
+        task, config = TASKS[name], configs[name]
+        vocab = config.vocab_size
+        limits = {"input_ids": vocab, "targets": vocab, "mlm_ids": vocab, "src_ids": vocab,
+                  "tgt_in": vocab, "tgt_out": vocab, "token_type_ids": config.type_vocab_size
+                  if name == "mlm" else None, "mlm_positions": seq, "nsp_labels": 2}
+        got = bench_throughput.random_batch(name, config, batch, seq, seed=5)
+        assert sorted(got) == sorted(task.fields), name
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, task.example_batch(config, batch, seq))
+        for field, value in got.items():
+            if np.issubdtype(value.dtype, np.integer):
+                assert 0 <= value.min() and value.max() < limits[field], (name, field)
+                assert len(np.unique(value)) > 1, (name, field)  # random, not a constant
+            else:
+                assert np.all(value == 1), (name, field)  # masks and weights: all real
+        if name == "mlm":
+            assert np.all(np.diff(got["mlm_positions"], axis=1) > 0)  # distinct, sorted

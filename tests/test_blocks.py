@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import reference
 
+from transformer_jax.attention import AttentionConfig
 from transformer_jax.blocks import DecoderBlock, EncoderBlock
 from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import deepnorm_constants
+from transformer_jax.stacks import Decoder, Encoder, stack_layers
 
 CFG = TransformerConfig(d_model=16, num_heads=4, d_ff=32, dropout=0.0, attention_dropout=0.0,
                         layer_norm_eps=1e-6)
@@ -137,3 +139,37 @@ def test_norm_matches_float64_with_large_common_offset(norm_type):
     else:
         ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * p["scale"]
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=0)
+
+
+def test_encoder_forwards_kernel_kwargs_to_every_layer_unrolled_and_scanned():
+    """A per-call kernel input (Longformer's `global_mask`) reaches every layer of the
+    stack, unrolled, scanned and rematerialised alike: it equals the same global
+    tokens given by the config (`global_positions`, which the mask adds to), an
+    independent route."""
+    attn = AttentionConfig(kind="longformer", window=2)
+    cfg = CFG.replace(num_layers=2, attention=attn)
+    x = _x(shape=(2, 12, 16))
+    params = _randomize(Encoder(cfg).init(jax.random.PRNGKey(0), x)["params"])
+    glob = (np.arange(12) % 5 == 1)[None]   # tokens 1, 6, 11, besides the default 0
+    by_config = cfg.replace(attention=attn.replace(global_positions=(0, 1, 6, 11)))
+    from_config = Encoder(by_config).apply({"params": params}, x)
+    assert np.abs(np.asarray(from_config - Encoder(cfg).apply({"params": params}, x))).max() > 1e-2
+    for layout in (dict(), dict(scan_layers=True, remat="full")):
+        p = stack_layers(params, 2) if layout else params
+        got = Encoder(cfg.replace(**layout)).apply({"params": p}, x, global_mask=glob)
+        np.testing.assert_allclose(got, from_config, atol=1e-5)
+
+
+def test_decoder_forwards_kernel_kwargs_like_the_encoder():
+    """The Decoder's causal self-attention gets per-call kernel inputs too: Longformer's
+    `global_mask` equals the same global tokens set in the config."""
+    attn = AttentionConfig(kind="longformer", window=2)
+    cfg = CFG.replace(num_layers=1, attention=attn)
+    x = _x(shape=(2, 12, 16))
+    params = _randomize(Decoder(cfg).init(jax.random.PRNGKey(0), x)["params"])
+    glob = (np.arange(12) % 5 == 1)[None]
+    by_config = cfg.replace(attention=attn.replace(global_positions=(0, 1, 6, 11)))
+    want = Decoder(by_config).apply({"params": params}, x)
+    assert np.abs(np.asarray(want - Decoder(cfg).apply({"params": params}, x))).max() > 1e-2
+    got = Decoder(cfg).apply({"params": params}, x, global_mask=glob)
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transformer_jax.cli import main
-from transformer_jax.training.run_config import RunConfig
-from transformer_jax.training.runner import train
+from transformer_jax.run.cli import main
+from transformer_jax.run.config import RunConfig
+from transformer_jax.run.loop import train
 
 COMMON = ["--max-documents", "60", "--seq-len", "64", "--batch-size", "16", "--no-progress",
           "--eval-every", "1000", "--save-every", "1000"]
@@ -135,7 +135,7 @@ def test_cli_on_imported_checkpoints(gpt_run, tmp_path, capsys):
     pytest.importorskip("safetensors")
     from transformer_jax.hf import save_pretrained
     from transformer_jax.models import GPT
-    from transformer_jax.training.loading import load_run
+    from transformer_jax.run.loading import load_run
     config, params, tokenizer, _ = load_run(gpt_run)
     hf_dir = save_pretrained(tmp_path / "hf-gpt", GPT(config), params)
     tokenizer.save(hf_dir)
@@ -183,7 +183,7 @@ def tiny_runs(tmp_path_factory):
     checkpoint (the step-8 one deleted, its log lines kept), resumed by `--resume` alone."""
     import contextlib
     import io
-    from transformer_jax.training import runner
+    from transformer_jax.run import loop as runner
     root = tmp_path_factory.mktemp("tiny")
     full, part = root / "full", root / "part"
     args = [*TINY, "--steps", "12", "--eval-every", "4", "--save-every", "5"]
@@ -201,7 +201,7 @@ def tiny_runs(tmp_path_factory):
 
 
 def test_resume_without_flags_continues_exactly(tiny_runs):
-    from transformer_jax.training.loading import load_run
+    from transformer_jax.run.loading import load_run
     full, part, note = tiny_runs
     assert f"resuming {part} at step 5 of 12: a gpt-tiny lm run with its saved settings" in note
     (a, sa), (b, sb) = _strict_records(full), _strict_records(part)
@@ -274,8 +274,8 @@ def test_divergence_rebuilds_the_last_good_state(tmp_path, monkeypatch):
     it is seen; the saved state must still be the one after step 5: a run stopped there."""
     import itertools
     from transformer_jax.parallel.strategy import Strategy
-    from transformer_jax.training import runner
-    from transformer_jax.training.loading import load_run
+    from transformer_jax.run import loop as runner
+    from transformer_jax.run.loading import load_run
     base = dict(model="gpt-tiny", task="lm", max_documents=30, vocab_size=300, seq_len=32,
                 batch_size=4, steps=12, warmup=2, log_every=8, save_every=100, peak_tflops=1.0,
                 overrides=(("num_layers", 1), ("d_model", 32), ("num_heads", 2), ("d_ff", 64)))
@@ -304,7 +304,7 @@ def test_divergence_rebuilds_the_last_good_state(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:No artists with labels")
 def test_loss_plot_includes_the_final_evaluation(tmp_path, monkeypatch):
     import matplotlib.axes
-    from transformer_jax.training.run_files import plot_losses
+    from transformer_jax.run.plots import plot_losses
     drawn = []
     monkeypatch.setattr(matplotlib.axes.Axes, "plot",
                         lambda self, *xy, **kw: drawn.append((kw.get("label"), xy[:2])))
@@ -364,8 +364,8 @@ def test_help_shows_defaults(capsys):
 
 def test_unwritable_out_and_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     """(Root ignores permissions, so the check is driven through os.access.)"""
-    from transformer_jax import commands
-    from transformer_jax.training import runner
+    from transformer_jax.run import commands
+    from transformer_jax.run import loop as runner
     monkeypatch.setattr(runner.os, "access", lambda path, mode: False)
     assert main(["train", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -378,3 +378,38 @@ def test_unwritable_out_and_os_errors_are_one_line(tmp_path, capsys, monkeypatch
     assert main(["info"]) == 2
     err = capsys.readouterr().err
     assert err == f"transformer-jax info: error: [Errno 13] Permission denied: '{tmp_path / 'x'}'\n"
+
+
+def test_generate_on_a_seq2seq_run_greedy_equals_a_full_forward_argmax_and_beams_run(tmp_path, capsys):
+    """`generate` on an encoder-decoder run directory: a file of sources, one output
+    line each. Greedy must equal an argmax loop over full forward passes (no cache)."""
+    out = tmp_path / "s2s"
+    train(RunConfig(model="transformer-tiny", task="seq2seq", max_documents=30, vocab_size=300,
+                    seq_len=16, batch_size=8, steps=30, warmup=3, lr=3e-3, eval_every=30,
+                    save_every=30, peak_tflops=1.0, out_dir=str(out),
+                    overrides=(("num_layers", 1), ("num_decoder_layers", 1), ("d_model", 32),
+                               ("num_heads", 2), ("d_ff", 64))), progress=False)
+    sources = tmp_path / "sources.txt"
+    sources.write_text("return the value\n\nopen a file for reading\n")
+    assert main(["generate", "--model", str(out), "--input-file", str(sources), "--temperature", "0",
+                 "--max-new-tokens", "6"]) == 0
+    greedy = capsys.readouterr().out.splitlines()
+    assert len(greedy) == 2
+    from transformer_jax.models import EncoderDecoder
+    from transformer_jax.run.loading import load_run
+    config, params, tok, _ = load_run(out)
+    model = EncoderDecoder(config)
+    for text, got in zip(("return the value", "open a file for reading"), greedy):
+        src = np.asarray([tok.encode(text)])
+        tgt = [tok.bos_id]
+        for _ in range(6):
+            logits = model.apply({"params": params}, src, np.asarray([tgt]))
+            tgt.append(int(np.argmax(logits[0, -1])))
+            if tgt[-1] == tok.eos_id:
+                break
+        assert got == tok.decode([t for t in tgt[1:] if t != tok.eos_id])
+    assert main(["generate", "--model", str(out), "--input-file", str(sources), "--beam-size", "3",
+                 "--length-penalty", "0.6", "--max-new-tokens", "6"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["generate", "--model", str(out), "--beam-size", "0"]) == 2
+    assert "--beam-size 0 is not valid" in capsys.readouterr().err

@@ -8,12 +8,14 @@ under test. Tokenizers are trained with tiny vocabularies into temp caches.
 import gzip
 import json
 import os
+import re
 import sysconfig
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import chex
 import numpy as np
 import pytest
 
@@ -309,7 +311,7 @@ def test_mlm_selection_and_replacement_statistics(synthetic, bert_data):
 def test_max_predictions_cap(synthetic, bert_data):
     ds = _bert(synthetic, bert_data, max_predictions_per_seq=3)
     batch = ds.batch(0, 16, seed=1)
-    assert batch["mlm_positions"].shape == (16, 3)
+    chex.assert_shape(batch["mlm_positions"], (16, 3))
     assert np.all(batch["mlm_weights"].sum(1) == 3)
 
 
@@ -425,7 +427,8 @@ def test_seq2seq_targets_reverse_the_source(synthetic):
     ds = Seq2SeqDataset.from_tokenizer(synthetic.corpus, tok, cfg)
     stream = _as_text(tokenize_corpus(synthetic.corpus, tok).ids)
     batch = ds.batch(0, 64, seed=8)
-    assert batch["src_ids"].shape == (64, 20) and batch["tgt_in"].shape == (64, 21)
+    chex.assert_shape(batch["src_ids"], (64, 20))
+    chex.assert_shape([batch["tgt_in"], batch["tgt_out"], batch["tgt_mask"]], (64, 21))
     lengths = batch["src_mask"].sum(1)
     assert lengths.min() >= 3 and lengths.max() <= 20 and len(set(lengths)) > 5
     for row, n in enumerate(lengths):
@@ -454,7 +457,7 @@ def _equal(a, b):
 
 def test_same_seed_same_batch_and_different_seed_differs(any_dataset):
     a = any_dataset.batch(7, 8, seed=11)
-    assert _equal(a, any_dataset.batch(7, 8, seed=11))
+    chex.assert_trees_all_equal(a, any_dataset.batch(7, 8, seed=11))
     assert not _equal(a, any_dataset.batch(7, 8, seed=12))
     assert not _equal(a, any_dataset.batch(8, 8, seed=11))
 
@@ -469,7 +472,7 @@ def test_iterator_resume_matches_uninterrupted_run(any_dataset):
     resumed = BatchIterator(any_dataset, batch_size=4, seed=0).restore(state)
     assert state["step"] == 3 and not _equal(expected[2], expected[3])
     for want in expected[3:]:
-        assert _equal(next(resumed), want)
+        chex.assert_trees_all_equal(next(resumed), want)
     with pytest.raises(ValueError, match="batch_size"):
         BatchIterator(any_dataset, batch_size=8).restore(state)
 
@@ -478,7 +481,7 @@ def test_process_slices_concatenate_to_the_global_batch(any_dataset):
     full = any_dataset.batch(5, 12, seed=3)
     parts = [any_dataset.batch(5, 12, seed=3, process_index=p, process_count=3)
              for p in range(3)]
-    assert _equal(full, {k: np.concatenate([p[k] for p in parts]) for k in full})
+    chex.assert_trees_all_equal(full, {k: np.concatenate([p[k] for p in parts]) for k in full})
     with pytest.raises(ValueError, match="process_count"):
         any_dataset.batch(0, 10, process_index=0, process_count=3)
 
@@ -487,7 +490,8 @@ def test_shard_batch_reshapes_and_rejects_indivisible():
     rng = np.random.default_rng(0)
     batch = {"x": rng.integers(1, 100, size=(12, 5)), "y": rng.random(12)}
     sharded = shard_batch(batch, 4)
-    assert sharded["x"].shape == (4, 3, 5) and sharded["y"].shape == (4, 3)
+    chex.assert_shape(sharded["x"], (4, 3, 5))
+    chex.assert_shape(sharded["y"], (4, 3))
     assert np.array_equal(sharded["x"][2, 1], batch["x"][7])
     with pytest.raises(ValueError, match="num_devices=5"):
         shard_batch(batch, 5)
@@ -511,6 +515,45 @@ def test_validate_token_ids_names_field_value_position():
         validate_token_ids(np.ones(3) * 0.5, 10)
 
 
+def test_both_id_boundaries_name_the_same_first_bad_id():
+    """The data boundary (validate_token_ids) and the model boundary
+    (embeddings.check_ids) share one range check: both name the first bad id in
+    row-major order, found here by a plain loop, each in its own wording."""
+    from transformer_jax.embeddings import check_ids
+    rng = np.random.default_rng(11)
+    for shape in [(7,), (3, 5), (2, 3, 4)]:
+        vocab = int(rng.integers(5, 50))
+        ids = rng.integers(0, vocab, size=shape)
+        for _ in range(3):
+            ids[tuple(int(rng.integers(n)) for n in shape)] = rng.choice([-1, vocab, vocab + 3])
+        bad = [i for i in np.ndindex(shape) if not 0 <= ids[i] < vocab]
+        first = bad[0]
+        pos = first[0] if len(shape) == 1 else first
+        with pytest.raises(ValueError, match=re.escape(
+                f"token id {ids[first]} at position {pos} outside the valid range [0, {vocab}) "
+                f"({len(bad)} bad id(s) in total)")):
+            validate_token_ids(ids, vocab)
+        with pytest.raises(ValueError, match=re.escape(
+                f"input_ids must be in [0, {vocab}) (vocab_size={vocab}); got {ids[first]} at "
+                f"index {first} (min {ids.min()}, max {ids.max()})")):
+            check_ids("input_ids", ids, vocab, f"vocab_size={vocab}")
+        check_ids("input_ids", np.clip(ids, 0, vocab - 1), vocab, "")  # in range: no error
+
+
+def test_from_tokenizer_takes_text_or_tokens_and_defaults_the_config(synthetic, bert_data):
+    """One `from_tokenizer` serves every dataset: raw text is tokenized, a
+    TokenizedCorpus is used as it is, and config None means the class's defaults."""
+    from_text = BertDataset.from_tokenizer(synthetic.corpus, synthetic.wordpiece)
+    from_tokens = BertDataset.from_tokenizer(bert_data, synthetic.wordpiece, None, 500)
+    assert from_tokens.data is bert_data and from_tokens.model_vocab_size == 500
+    np.testing.assert_array_equal(from_text.data.ids, bert_data.ids)
+    assert from_text.config == BertDataConfig() and from_text.model_vocab_size == 400
+    chex.assert_trees_all_equal(from_text.batch(2, 4, seed=1), from_tokens.batch(2, 4, seed=1))
+    for cls, config_cls in ((GPTDataset, GPTDataConfig), (Seq2SeqDataset, Seq2SeqDataConfig)):
+        ds = cls.from_tokenizer(synthetic.corpus, synthetic.bpe)
+        assert type(ds) is cls and ds.config == config_cls()
+
+
 def test_datasets_reject_ids_beyond_model_vocab(synthetic, bert_data):
     too_small = int(bert_data.ids.max())  # the largest id in the data is then invalid
     with pytest.raises(ValueError, match=r"token ids.*\[0, %d\)" % too_small):
@@ -528,7 +571,7 @@ def test_datasets_reject_ids_beyond_model_vocab(synthetic, bert_data):
 
 
 def test_make_datasets_trains_on_the_training_split(synthetic, tmp_path):
-    tok, train, valid = make_datasets("bert", synthetic.corpus, BertDataConfig(max_len=32),
+    tok, train, valid = make_datasets("mlm", synthetic.corpus, BertDataConfig(max_len=32),
                                       vocab_size=300, validation_fraction=0.25,
                                       cache_dir=tmp_path)
     assert tok.kind == "wordpiece" and tok.vocab_size == 300
@@ -536,3 +579,12 @@ def test_make_datasets_trains_on_the_training_split(synthetic, tmp_path):
     assert valid.batch(0, 4)["input_ids"].shape == (4, 32)
     with pytest.raises(ValueError, match="task='t5'"):
         make_datasets("t5", synthetic.corpus)
+
+
+def test_make_datasets_old_family_names_warn_and_give_the_same_data(synthetic, tmp_path):
+    # "bert"/"gpt" were the data pipeline's names before it was keyed by task.
+    new = make_datasets("lm", synthetic.corpus, GPTDataConfig(16), vocab_size=300, cache_dir=tmp_path)
+    with pytest.warns(DeprecationWarning, match="'gpt'.*'lm'"):
+        old = make_datasets("gpt", synthetic.corpus, GPTDataConfig(16), vocab_size=300,
+                            cache_dir=tmp_path)
+    chex.assert_trees_all_equal(new[1].batch(3, 4, seed=1), old[1].batch(3, 4, seed=1))

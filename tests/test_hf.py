@@ -8,6 +8,7 @@ requirements-hf-test.txt. Random weights are perturbed away from HF's init
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
@@ -25,7 +26,8 @@ pytest.importorskip("safetensors")
 from transformer_jax.hf import load_pretrained, load_tokenizer, save_pretrained, tokenize  # noqa: E402
 from transformer_jax.hf.io import read_safetensors, write_safetensors  # noqa: E402
 from transformer_jax.models import (GPT, BertForMaskedLM, BertForPreTraining,  # noqa: E402
-                                    BertForSentenceEmbedding, BertModel, generate, get_config)
+                                    BertForSentenceEmbedding, BertForSequenceClassification,
+                                    BertForTokenClassification, BertModel, generate, get_config)
 
 TOL = 1e-4
 SENTENCES = ["A man is eating food.", "A man eats a meal.", "The sky is blue.",
@@ -81,6 +83,12 @@ def _random_batch(vocab, batch=3, seq=11, seed=0):
 
 def _max_diff(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+def _report(what, diff):
+    """The parity figure, shown with `pytest -s` (the docs' table quotes them)."""
+    print(f"\n[parity] {what}: max |ours - PyTorch| = {diff:.2e}")
+    return diff
 
 
 # ---------------------------------------------------------------- real weights
@@ -188,6 +196,24 @@ def test_gpt2model_without_head_matches_pytorch_hidden_states(tmp_path):
     assert _max_diff(pre.hidden_states(ids, mask), ref.last_hidden_state.numpy()) < TOL
 
 
+def test_gpt2model_untied_loads_as_hf_does_and_says_it_is_tied(tmp_path):
+    torch, transformers = _torch()
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_layer=1, n_embd=24, n_head=3,
+                                  tie_word_embeddings=False)
+    reference = _perturb_torch(torch, transformers.GPT2Model(cfg))
+    reference.save_pretrained(tmp_path)  # a base model: no lm_head.weight in the file
+    with pytest.warns(UserWarning, match="imported with tie_embeddings=True"):
+        pre = load_pretrained(tmp_path, strict=True)
+    ids, mask, _ = _random_batch(50)
+    with torch.no_grad():
+        ref = reference(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    assert pre.kind == "GPT2Model" and pre.config.tie_embeddings and "lm_head" not in pre.params
+    assert pre.hf_config["tie_word_embeddings"] is False  # the file's config, as read
+    diff = _report("import GPT2Model untied, hidden states",
+                   _max_diff(pre.hidden_states(ids, mask), ref.last_hidden_state.numpy()))
+    assert diff < TOL
+
+
 # ------------------------------------------------------------ BERT from PyTorch
 
 def _hf_bert(transformers, arch, **kw):
@@ -219,6 +245,65 @@ def test_bert_import_matches_pytorch(tmp_path, arch):
         assert _max_diff(ours[1], ref.pooler_output.numpy()) < TOL
 
 
+# (HF architecture, HF config kwargs, the fields our head must get from them)
+CLASSIFIER_CASES = [
+    ("BertForSequenceClassification",
+     dict(id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2},
+          problem_type="single_label_classification", classifier_dropout=0.3),
+     dict(num_labels=3, labels=("neg", "neu", "pos"),
+          problem_type="single_label_classification", classifier_dropout=0.3)),
+    ("BertForSequenceClassification",  # untied embeddings: no decoder here, so no matter
+     dict(num_labels=1, problem_type="regression", tie_word_embeddings=False),
+     dict(num_labels=1, labels=None, problem_type="regression", classifier_dropout=None)),
+    ("BertForSequenceClassification", dict(num_labels=4, problem_type="multi_label_classification"),
+     dict(num_labels=4, labels=None, problem_type="multi_label_classification")),
+    ("BertForTokenClassification",
+     dict(id2label={0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}, hidden_dropout_prob=0.2),
+     dict(num_labels=5, labels=("O", "B-PER", "I-PER", "B-LOC", "I-LOC"), problem_type=None,
+          classifier_dropout=None)),
+]
+
+
+@pytest.mark.parametrize("arch, hf_kw, fields", CLASSIFIER_CASES,
+                         ids=["seq-single", "seq-regression", "seq-multilabel", "token"])
+def test_bert_classifier_import_matches_pytorch(tmp_path, arch, hf_kw, fields):
+    torch, transformers = _torch()
+    reference = _perturb_torch(torch, _hf_bert(transformers, arch, **hf_kw))
+    reference.save_pretrained(tmp_path)
+    pre = load_pretrained(tmp_path, strict=True)  # every tensor of the file is used
+    assert pre.kind == arch and type(pre.model).__name__ == arch
+    assert {f: getattr(pre.model, f) for f in fields} == fields
+    assert pre.model.config.dropout == reference.config.hidden_dropout_prob
+    ids, mask, types = _random_batch(101)
+    with torch.no_grad():
+        ref = reference(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                        token_type_ids=torch.tensor(types, dtype=torch.long)).logits.numpy()
+    ours = _apply(pre.model, pre.params, ids, types, mask)
+    assert ours.shape == ref.shape
+    assert _report(f"import {arch} {fields['num_labels']} labels", _max_diff(ours, ref)) < TOL
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(problem_type="regression"), r"problem_type='regression'.*valid: None, 'single_label"),
+    (dict(id2label={"0": "O", "2": "B"}), r"id2label keys \[0, 2\]"),
+    (dict(id2label=None, num_labels=0), "num_labels=0"),
+])
+def test_bad_classifier_labels_are_refused(tmp_path, changes, match):
+    model = _ours("tokcls")
+    save_pretrained(tmp_path, model, _perturbed_init(model, np.ones((1, 4), np.int32)))
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(tmp_path)
+
+
+def test_label2id_that_disagrees_with_id2label_warns(tmp_path):
+    model = _ours("seqcls")
+    save_pretrained(tmp_path, model, _perturbed_init(model, np.ones((1, 4), np.int32)))
+    _edit_config(tmp_path, label2id={"neg": 1, "neu": 0, "pos": 2})
+    with pytest.warns(UserWarning, match="not the inverse of id2label"):
+        assert load_pretrained(tmp_path).model.labels == ("neg", "neu", "pos")
+
+
 def test_pickle_with_opt_in_loads_the_same_weights(tmp_path):
     torch, transformers = _torch()
     reference = _perturb_torch(torch, _hf_bert(transformers, "BertForMaskedLM"))
@@ -240,11 +325,16 @@ def _ours(kind):
         return GPT(cfg)
     cfg = get_config("bert-tiny", vocab_size=89, d_model=48, num_heads=3, d_ff=72, max_len=24,
                      type_vocab_size=2)
+    seqcls = functools.partial(BertForSequenceClassification, num_labels=3,
+                               labels=("neg", "neu", "pos"),
+                               problem_type="multi_label_classification", classifier_dropout=0.2)
+    tokcls = functools.partial(BertForTokenClassification, num_labels=4)
     return {"pretraining": BertForPreTraining, "mlm": BertForMaskedLM, "bert": BertModel,
-            "sentence": BertForSentenceEmbedding}[kind](cfg)
+            "sentence": BertForSentenceEmbedding, "seqcls": seqcls, "tokcls": tokcls}[kind](cfg)
 
 
-@pytest.mark.parametrize("kind", ["gpt", "pretraining", "mlm", "bert", "sentence"])
+@pytest.mark.parametrize("kind", ["gpt", "pretraining", "mlm", "bert", "sentence", "seqcls",
+                                  "tokcls"])
 def test_export_then_import_is_lossless(tmp_path, kind):
     model = _ours(kind)
     ids, mask, types = _random_batch(89, seed=5)
@@ -252,6 +342,7 @@ def test_export_then_import_is_lossless(tmp_path, kind):
     save_pretrained(tmp_path, model, params)
     pre = load_pretrained(tmp_path, strict=True)
     assert type(pre.model) is type(model) and pre.config == model.config
+    assert pre.model == model  # head fields too: num_labels, labels, problem_type, dropout
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, pre.params)
     assert all(jax.tree.leaves(same)) and jax.tree.structure(same) == jax.tree.structure(params)
 
@@ -274,7 +365,7 @@ def _pytorch_outputs(torch, transformers, directory, kind, ids, mask, types):
     return out.logits.numpy()
 
 
-@pytest.mark.parametrize("kind", ["gpt", "pretraining", "mlm", "sentence"])
+@pytest.mark.parametrize("kind", ["gpt", "pretraining", "mlm", "sentence", "seqcls", "tokcls"])
 def test_export_loads_in_pytorch_with_the_same_logits(tmp_path, kind):
     torch, transformers = _torch()
     model = _ours(kind)
@@ -285,7 +376,21 @@ def test_export_loads_in_pytorch_with_the_same_logits(tmp_path, kind):
     ours = (_apply(model, params, ids, attention_mask=mask) if kind == "gpt"
             else _apply(model, params, ids, types, mask))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        assert _max_diff(a, b) < TOL
+        assert np.shape(a) == np.shape(b)
+        assert _report(f"export {kind} -> transformers", _max_diff(a, b)) < TOL
+
+
+@pytest.mark.parametrize("kind, labels, problem_type, dropout", [
+    ("seqcls", {0: "neg", 1: "neu", 2: "pos"}, "multi_label_classification", 0.2),
+    ("tokcls", {i: f"LABEL_{i}" for i in range(4)}, None, None)])
+def test_export_carries_labels_to_transformers(tmp_path, kind, labels, problem_type, dropout):
+    _, transformers = _torch()
+    model = _ours(kind)
+    save_pretrained(tmp_path, model, _perturbed_init(model, np.ones((1, 4), np.int32)))
+    hf = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    assert hf.num_labels == len(labels) and hf.id2label == labels
+    assert hf.label2id == {name: i for i, name in labels.items()}
+    assert hf.problem_type == problem_type and hf.classifier_dropout == dropout
 
 
 def test_export_refuses_what_hf_cannot_express(tmp_path):

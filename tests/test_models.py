@@ -39,13 +39,20 @@ def test_every_preset_initializes_abstractly(name):
     assert _count(_abstract_init(get_config(name))) > 0
 
 
-@pytest.mark.parametrize("name", ["bert-tiny", "gpt-tiny", "transformer-tiny"])
+def _smallest_preset_of_each_family():
+    from transformer_jax.models import registry
+    size = lambda name: get_config(name).num_layers * get_config(name).d_model
+    return [min(f.presets, key=size) for f in registry.families()]
+
+
+@pytest.mark.parametrize("name", _smallest_preset_of_each_family())
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiny_presets_forward_backward_under_jit(name, dtype):
+    from transformer_jax.models import family_of
     cfg = get_config(name, vocab_size=101, max_len=32, dtype=dtype)
     model = build(cfg)
     ids = _tokens(0, (2, 16))
-    args = (ids, ids) if name.startswith("transformer") else (ids,)
+    args = (ids, ids) if family_of(cfg).name == "seq2seq" else (ids,)   # (source, target)
     params = model.init(jax.random.PRNGKey(0), *args)["params"]
 
     @jax.jit
@@ -240,3 +247,58 @@ def test_out_of_range_ids_are_refused_eagerly_and_never_silent_under_jit():
     assert "index 2 is out of bounds for axis 0 with size 2" in str(err.get())
     err, _ = checkify.checkify(jitted, errors=checkify.index_checks)(ids, types)
     assert err.get() is None
+
+
+def _log_softmax64(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("tie,chunk", [(True, 0), (False, 5)])
+def test_gpt_methods_share_one_tree_and_token_stats_match_numpy(tie, chunk):
+    """Initialising through any method gives the same parameters; `hidden` feeds the
+    output matrix to give `logits` (= calling the model); `token_stats` (chunked with
+    a chunk that does not divide B*L) is the float64 cross-entropy of those logits,
+    also with dropout on (the training call: targets positional, rngs)."""
+    model = GPT(get_config("gpt-tiny", **TINY, tie_embeddings=tie, loss_chunk=chunk))
+    ids, targets = _tokens(20, (2, 7)), _tokens(21, (2, 7))
+    mask = jnp.arange(7)[None] < jnp.array([[7], [4]])
+    inputs = {"hidden": (ids,), "logits": (ids,), "token_stats": (ids, targets)}
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    for method, args in inputs.items():
+        tree = model.init(jax.random.PRNGKey(0), *args, method=method)["params"]
+        jax.tree.map(np.testing.assert_array_equal, tree, params)   # same names, shapes, values
+    v = {"params": params}
+    logits = model.apply(v, ids, attention_mask=mask, method="logits")
+    np.testing.assert_array_equal(logits, model.apply(v, ids, attention_mask=mask))
+    hidden = np.asarray(model.apply(v, ids, attention_mask=mask, method="hidden"), np.float64)
+    head = (params["embeddings"]["token"]["embedding"][:101].T if tie else
+            params["lm_head"]["kernel"])
+    np.testing.assert_allclose(hidden @ np.asarray(head, np.float64), logits, atol=1e-4)
+    if not tie:   # hidden states need no output matrix
+        without = {k: p for k, p in params.items() if k != "lm_head"}
+        np.testing.assert_array_equal(model.apply({"params": without}, ids, method="hidden"),
+                                      model.apply(v, ids, method="hidden"))
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+    for kw in (dict(), dict(deterministic=False, rngs=rngs)):
+        logits = model.apply(v, ids, attention_mask=mask, method="logits", **kw)
+        stats = model.apply(v, ids, targets, attention_mask=mask, method="token_stats", **kw)
+        log_p = _log_softmax64(logits)
+        nll = -np.take_along_axis(log_p, np.asarray(targets)[..., None], -1)[..., 0]
+        np.testing.assert_allclose(stats["nll"], nll, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats["loss"], nll, rtol=1e-5, atol=1e-5)  # no smoothing
+        np.testing.assert_array_equal(stats["correct"], log_p.argmax(-1) == np.asarray(targets))
+
+
+def test_gpt_old_call_kwargs_warn_and_equal_the_methods():
+    model = GPT(get_config("gpt-tiny", **TINY, tie_embeddings=False, loss_chunk=4))
+    ids, targets = _tokens(22, (2, 6)), _tokens(23, (2, 6))
+    v = model.init(jax.random.PRNGKey(0), ids)
+    with pytest.warns(DeprecationWarning, match=r"return_hidden=True.*method='hidden'"):
+        old = model.apply(v, ids, return_hidden=True)
+    np.testing.assert_array_equal(old, model.apply(v, ids, method="hidden"))
+    with pytest.warns(DeprecationWarning, match=r"targets=.*method='token_stats'"):
+        old = model.apply(v, ids, targets=targets)
+    jax.tree.map(np.testing.assert_array_equal, old,
+                 model.apply(v, ids, targets, method="token_stats"))

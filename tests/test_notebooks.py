@@ -20,6 +20,8 @@ nbformat = pytest.importorskip("nbformat")
 NotebookClient = pytest.importorskip("nbclient").NotebookClient
 pytest.importorskip("ipykernel")
 
+pytestmark = pytest.mark.slow   # executes the Colab notebooks end to end: deselect with -m 'not slow'
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "experiments" / "notebooks"
 NAMES = ("ln_stability_colab.ipynb", "bert_pretraining_colab.ipynb", "gpt_colab.ipynb")

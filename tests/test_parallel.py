@@ -259,8 +259,8 @@ def test_distributed_env():
 
 
 def test_command_line_flags(tmp_path, capsys):
-    from transformer_jax.cli import main
-    from transformer_jax.training.run_config import RunConfig
+    from transformer_jax.run.cli import main
+    from transformer_jax.run.config import RunConfig
     with pytest.raises(ValueError, match="parallel='mpi' is not valid"):
         RunConfig(parallel="mpi")
     with pytest.raises(ValueError, match="only used with --parallel shard"):

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,11 +266,11 @@ def test_optimizer_is_optax_adamw_and_a_skipped_step_leaves_no_trace():
     clean, _ = step(step(state, g1)[0], g2)
     for got in (skipped, clean):
         assert int(got.step) == 2
-        jax.tree.map(np.testing.assert_array_equal, host(got.params), host(params))
-        jax.tree.map(np.testing.assert_array_equal, host(got.opt_state), host(opt))
+        chex.assert_trees_all_equal(got.params, params)
+        chex.assert_trees_all_equal(got.opt_state, opt)
     # Used alone, the optimizer keeps its state on a non-finite gradient and says so with NaN.
     updates, kept = ours.update(bad, opt, params)
-    jax.tree.map(np.testing.assert_array_equal, host(kept), host(opt))
+    chex.assert_trees_all_equal(kept, opt)
     assert all(np.isnan(u).all() for u in jax.tree.leaves(updates))
 
 
@@ -296,12 +297,12 @@ def test_gradient_accumulation_equals_large_batch():
             before = host(acc_state.params)
             acc_state, _ = acc_step(acc_state, {key: v[2 * i:2 * i + 2] for key, v in big.items()})
             if i < k - 1:  # MultiSteps only accumulates until the k-th micro-batch
-                jax.tree.map(np.testing.assert_array_equal, host(acc_state.params), before)
+                chex.assert_trees_all_equal(host(acc_state.params), before)
     assert int(acc_state.step) == 2 * k
     got, want = host(acc_state.params), host(ref.params)
     kernel = lambda p: p["decoder"]["layer_0"]["mlp"]["up"]["kernel"]
     assert np.abs(kernel(want) - kernel(init)).max() > 1e-3
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), got, want)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_step_metrics_are_consistent():
@@ -324,7 +325,7 @@ def test_step_metrics_are_consistent():
     assert "update_norm" not in basic and not any("/" in k for k in basic)
     detailed_state, detailed = step(fresh_state(1), lm_batch(10, pad=True))
     np.testing.assert_allclose(basic["grad_norm"], detailed["grad_norm"], rtol=1e-5)
-    jax.tree.map(np.testing.assert_array_equal, basic_state.params, detailed_state.params)
+    chex.assert_trees_all_equal(basic_state.params, detailed_state.params)
     np.testing.assert_allclose(m["perplexity"], np.exp(m["nll"]), rtol=1e-5)
     ev = make_eval_step("lm")(state, lm_batch(20, pad=True))
     assert set(ev) >= {"loss", "accuracy", "perplexity", "weight"}
@@ -387,8 +388,8 @@ def test_divergent_run_is_detected_and_state_kept():
     assert float(metrics["finite"]) == 0.0
     after = host(state)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
-    jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
-    jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+    chex.assert_trees_all_equal(after.params, before.params)
+    chex.assert_trees_all_equal(after.opt_state, before.opt_state)
     assert int(after.step) == int(before.step)
     # The process carries on; the kept state can be saved or trained with a sane setting.
 
@@ -423,8 +424,30 @@ def test_monitor_finds_a_known_spike_in_a_falling_curve():
     assert restored.update(401, {"loss": 9.0}).num_spikes == 3
 
 
+def test_spike_flags_over_a_sequence_are_the_monitors_rule():
+    """The pure function over a loss sequence (what offline reports count) and the
+    monitor step by step flag the same steps: jumps of 1.5 and 1.2 nats count, 0.9
+    does not; a non-finite step between two spike steps leaves them one event."""
+    from transformer_jax.training.divergence import count_spikes, spike_flags
+    losses = 3.0 + np.random.default_rng(1).normal(0.0, 0.03, 60)
+    losses[[20, 22]] += 1.5
+    losses[21] = np.nan
+    losses[40] += 0.9
+    losses[50] += 1.2
+    flags = spike_flags(losses)
+    assert [i for i, f in enumerate(flags) if f] == [20, 22, 50]
+    monitor = DivergenceMonitor()
+    assert flags == [monitor.update(i, {"loss": float(x)}).spike for i, x in enumerate(losses)]
+    assert count_spikes(losses) == monitor.num_spikes == 2
+    assert count_spikes(losses, spike_nats=1.3) == 1
+    early = [3.0] * 5 + [9.0] + [3.0] * 5        # before min_history losses: no median yet
+    assert count_spikes(early) == 0 and count_spikes(early, min_history=5) == 1
+    with pytest.raises(ValueError, match="min_history=0"):
+        spike_flags(losses, min_history=0)
+
+
 def test_run_files_are_strict_json_and_truncate_on_resume(tmp_path):
-    from transformer_jax.training.run_files import MetricsLog, dumps
+    from transformer_jax.run.files import MetricsLog, dumps
 
     def refuse(name):
         raise ValueError(name)

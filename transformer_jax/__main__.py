@@ -1,5 +1,5 @@
 import sys
 
-from transformer_jax.cli import main
+from transformer_jax.run.cli import main
 
 sys.exit(main())

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 
 from transformer_jax import initializers, partitioning as logical
-from transformer_jax.attention import AttentionConfig, MultiHeadAttention
+from transformer_jax.attention import AttentionConfig, MultiHeadAttention, registry
 from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import make_norm
 
@@ -33,17 +33,14 @@ def _inits(config: TransformerConfig, beta: float):
     return init(1.0), init(beta if deepnorm else 1.0)
 
 
-# Kernels that attend between any query and key lengths; the position-based
-# patterns (local windows, BigBird blocks, Linformer's fixed length) are defined
-# for self-attention only.
-DENSE_KINDS = ("auto", "xla", "cudnn", "chunked")
-
-
 def cross_attention_config(attention: AttentionConfig) -> AttentionConfig:
     """Cross-attention stays dense, as in the Longformer (LED) and BigBird
     encoder-decoders (Beltagy et al. 2020; Zaheer et al. 2020): the sparse pattern
-    applies to self-attention, and queries see the whole encoder output."""
-    return attention if attention.kind in DENSE_KINDS else attention.replace(kind="xla")
+    applies to self-attention, and queries see the whole encoder output. Kernels
+    registered with `cross_attention=True` (the dense ones) are kept."""
+    if registry.get(attention.kind).cross_attention:
+        return attention
+    return attention.replace(kind="xla")
 
 
 class FeedForward(nn.Module):
@@ -131,12 +128,14 @@ class DecoderBlock(_ResidualBlock):
 
     @nn.compact
     def __call__(self, x, memory=None, mask=None, memory_mask=None, deterministic=True,
-                 decode=False, sow_weights=False):
+                 decode=False, sow_weights=False, **kernel_kwargs):
+        # kernel_kwargs (e.g. Longformer's global_mask) reach the self-attention kernel,
+        # as in EncoderBlock; cross-attention is dense (`cross_attention_config`).
         cfg = self.config
         self_attn = self.attention("self_attention", position=cfg.position)
         x = self.residual("self_attention", x, lambda h: self_attn(
             h, mask=mask, causal=True, deterministic=deterministic, decode=decode,
-            sow_weights=sow_weights), deterministic)
+            sow_weights=sow_weights, **kernel_kwargs), deterministic)
         if self.cross_attention:
             if memory is None:
                 raise ValueError("DecoderBlock(cross_attention=True) needs the encoder output `memory`")
@@ -144,9 +143,10 @@ class DecoderBlock(_ResidualBlock):
                 raise ValueError(f"cross-attention memory has width {memory.shape[-1]} "
                                  f"(shape {tuple(memory.shape)}) but d_model={cfg.d_model}")
             cross = self.attention("cross_attention", cross_attention_config(cfg.attention))
+            # decode: the memory's keys/values are projected once and cached.
             x = self.residual("cross_attention", x, lambda h: cross(
-                h, memory, mask=memory_mask, deterministic=deterministic, sow_weights=sow_weights),
-                deterministic)
+                h, memory, mask=memory_mask, deterministic=deterministic, decode=decode,
+                sow_weights=sow_weights), deterministic)
         x = self.residual("mlp", x, self.mlp(), deterministic)
         return logical.constrain(x, logical.HIDDEN)
 

@@ -7,9 +7,6 @@ construction, so a bad value fails where it enters, naming field and valid value
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from typing import Any
 
 import jax.numpy as jnp
 
@@ -17,6 +14,7 @@ from transformer_jax.attention import registry
 from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.initializers import INIT_SCHEMES
 from transformer_jax.positional import POSITION_KINDS
+from transformer_jax.validation import boolean, choice, positive_int, positive_number, probability
 
 NORM_PLACEMENTS = ("post", "pre", "sandwich", "deepnorm")
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -24,21 +22,6 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 EMBED_COMBINE = ("add", "concat")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
-
-
-def _choice(name: str, value: Any, valid: tuple) -> None:
-    if value not in valid:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
-
-
-def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-
-
-def _probability(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,37 +91,34 @@ class TransformerConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
-            _positive(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         if self.num_kv_heads is not None:
-            _positive("num_kv_heads", self.num_kv_heads)
+            positive_int("num_kv_heads", self.num_kv_heads)
             if self.num_heads % self.num_kv_heads:
                 raise ValueError(f"num_heads={self.num_heads} must be divisible by "
                                  f"num_kv_heads={self.num_kv_heads}")
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
-        _choice("norm_type", self.norm_type, NORM_TYPES)
-        _choice("position", self.position, POSITION_KINDS)
-        _choice("embed_combine", self.embed_combine, EMBED_COMBINE)
-        _choice("init", self.init, INIT_SCHEMES)
+        choice("activation", self.activation, ACTIVATIONS)
+        choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        choice("norm_type", self.norm_type, NORM_TYPES)
+        choice("position", self.position, POSITION_KINDS)
+        choice("embed_combine", self.embed_combine, EMBED_COMBINE)
+        choice("init", self.init, INIT_SCHEMES)
         if self.norm_placement == "deepnorm" and self.init == "small_init":
             # DeepNet's beta (Wang et al. 2022, arXiv 2203.00555) is derived for Xavier.
             raise ValueError("init='small_init' does not apply to norm_placement='deepnorm', "
                              "whose blocks use Xavier with gain beta; choose init 'normal' "
                              "or 'xavier'")
-        if not isinstance(self.init_std, numbers.Real) or isinstance(self.init_std, bool) \
-                or not 0 < self.init_std < math.inf:
-            raise ValueError(f"init_std={self.init_std!r} must be a positive number")
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("param_dtype", self.param_dtype, DTYPES)
-        _probability("dropout", self.dropout)
-        _probability("attention_dropout", self.attention_dropout)
-        _choice("remat", self.remat, REMAT_POLICIES)
-        _positive("vocab_pad_multiple", self.vocab_pad_multiple)
+        positive_number("init_std", self.init_std)
+        choice("dtype", self.dtype, DTYPES)
+        choice("param_dtype", self.param_dtype, DTYPES)
+        probability("dropout", self.dropout)
+        probability("attention_dropout", self.attention_dropout)
+        choice("remat", self.remat, REMAT_POLICIES)
+        positive_int("vocab_pad_multiple", self.vocab_pad_multiple)
         for name in ("logical_partitioning", "fused_qkv", "scan_layers"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+            boolean(name, getattr(self, name))
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"position='rope' needs an even head_dim, got {self.head_dim}")
         if self.embed_combine == "concat" and self.position not in ("learned", "sinusoidal"):

@@ -52,14 +52,6 @@ def token_stats(logits, labels, num_classes: int | None = None,
     return {"nll": nll, "loss": loss, "correct": correct}
 
 
-def token_cross_entropy(logits, labels, label_smoothing: float = 0.0):
-    """Per-position cross-entropy `[...]` (fp32) of logits `[..., vocab]` vs int labels
-    `[...]` -> (label-smoothed loss, plain negative log-likelihood -log p_y); see
-    `token_stats`."""
-    stats = token_stats(logits, labels, label_smoothing=label_smoothing)
-    return stats["loss"], stats["nll"]
-
-
 def _valid_columns(shape, num_classes: int):
     return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) < num_classes
 

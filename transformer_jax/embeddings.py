@@ -21,6 +21,7 @@ import numpy as np
 
 from transformer_jax import initializers, partitioning as logical, positional
 from transformer_jax.config import TransformerConfig
+from transformer_jax.ids import first_out_of_range
 from transformer_jax.normalization import make_norm
 
 
@@ -32,12 +33,11 @@ def check_ids(field: str, ids, size: int, limit: str) -> None:
         values = np.asarray(ids)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return
-    bad = (values < 0) | (values >= size)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
+    bad = first_out_of_range(values, size)
+    if bad is not None:
         raise ValueError(
-            f"{field} must be in [0, {size}) ({limit}); got {int(values[where])} at index "
-            f"{where} (min {int(values.min())}, max {int(values.max())})")
+            f"{field} must be in [0, {size}) ({limit}); got {bad.value} at index "
+            f"{bad.index} (min {int(values.min())}, max {int(values.max())})")
 
 
 def lookup(table, ids):

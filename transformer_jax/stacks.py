@@ -3,12 +3,14 @@
 Layers are named `layer_0 ... layer_{L-1}` so per-layer statistics (gradient
 norms in the LN-stability experiment) can be read off the parameter tree. With
 `config.scan_layers` the stack is one `nn.scan` over a block whose parameters
-are stacked along a leading `[L]` axis under `layers/block/...`; `stack_layers`
-and `unstack_layers` convert between the two trees.
+are stacked along a leading `[L]` axis under `layers/block/...` (the names in
+`scan_names`); `stack_layers` and `unstack_layers` convert between the two trees.
+Both layouts run the same layer modules, whose Python flags are attributes.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -17,67 +19,71 @@ import jax.numpy as jnp
 from transformer_jax.blocks import DecoderBlock, EncoderBlock
 from transformer_jax.config import TransformerConfig
 from transformer_jax.normalization import deepnorm_constants, has_final_norm, make_norm
+from transformer_jax.scan_names import SCAN_BLOCK, SCAN_NAME
 
 
-# Where `scan_layers` puts the stacked layers: `.../layers/block/...` (read by
-# `training.metrics.grouped_norms` to report them per layer).
-SCAN_NAME, SCAN_BLOCK = "layers", "block"
-
-
-def _remat_policy(cfg: TransformerConfig):
-    return None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-
-
-def _block_class(cls, cfg: TransformerConfig, static_argnums: tuple[int, ...]):
-    """The block class, wrapped in `nn.remat` when `cfg.remat` asks for it. The
-    parameter tree is unchanged; Python flags are static (argnums count `self` as 0)."""
-    if cfg.remat == "none":
-        return cls
-    return nn.remat(cls, static_argnums=static_argnums, policy=_remat_policy(cfg))
-
-
-class _EncoderStep(nn.Module):
-    """One scan step: (x, broadcast args) -> (x, None); Python flags are attributes."""
-    config: TransformerConfig
-    alpha: float
-    beta: float
-    deterministic: bool
-    sow_weights: bool
+class _EncoderLayer(EncoderBlock):
+    """An `EncoderBlock` whose call-time Python flags are attributes, so that one
+    signature `(x, mask, kernel_kwargs)` serves the unrolled loop, `nn.remat` (no
+    static argnums to keep in step with the block) and `nn.scan` (all broadcast)."""
+    deterministic: bool = True
+    sow_weights: bool = False
 
     @nn.compact
     def __call__(self, x, mask, kernel_kwargs):
-        block = EncoderBlock(self.config, alpha=self.alpha, beta=self.beta, name=SCAN_BLOCK)
-        return block(x, mask, self.deterministic, self.sow_weights, **kernel_kwargs), None
+        return super().__call__(x, mask, self.deterministic, self.sow_weights, **kernel_kwargs)
 
 
-class _DecoderStep(nn.Module):
-    config: TransformerConfig
-    alpha: float
-    beta: float
-    cross_attention: bool
-    deterministic: bool
-    decode: bool
-    sow_weights: bool
+class _DecoderLayer(DecoderBlock):
+    """A `DecoderBlock` with its flags as attributes: `(x, memory, mask, memory_mask,
+    kernel_kwargs)`, as `_EncoderLayer`."""
+    deterministic: bool = True
+    decode: bool = False
+    sow_weights: bool = False
 
     @nn.compact
-    def __call__(self, x, memory, mask, memory_mask):
-        block = DecoderBlock(self.config, alpha=self.alpha, beta=self.beta,
-                             cross_attention=self.cross_attention, name=SCAN_BLOCK)
-        return block(x, memory, mask, memory_mask, self.deterministic, self.decode,
-                     self.sow_weights), None
+    def __call__(self, x, memory, mask, memory_mask, kernel_kwargs):
+        return super().__call__(x, memory, mask, memory_mask, self.deterministic, self.decode,
+                                self.sow_weights, **kernel_kwargs)
 
 
-def _scanned(step_cls, cfg: TransformerConfig, num_broadcast: int, **attrs):
-    """`nn.scan` of a step over cfg.num_layers; parameters, caches and sown values get
-    a leading layer axis (logical name "layers"), dropout keys differ per layer."""
-    body = step_cls
-    if cfg.remat != "none":  # prevent_cse=False: scan already stops the CSE remat guards against
-        body = nn.remat(step_cls, prevent_cse=False, policy=_remat_policy(cfg))
-    scan = nn.scan(body, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+class _ScanStep(nn.Module):
+    """One `nn.scan` step: `(x, *broadcast) -> (x, None)` through the layer
+    `make_layer(name=SCAN_BLOCK)`."""
+    make_layer: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, x, *broadcast):
+        return self.make_layer(name=SCAN_BLOCK)(x, *broadcast), None
+
+
+def _remat(cls, cfg: TransformerConfig, **kwargs):
+    """`cls` wrapped in `nn.remat` when `cfg.remat` asks for it; the parameter tree is
+    unchanged. Python flags are module attributes, so nothing needs to be static."""
+    if cfg.remat == "none":
+        return cls
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(cls, policy=policy, **kwargs)
+
+
+def _run_layers(layer_cls, cfg: TransformerConfig, x, args: tuple, **attrs):
+    """x through cfg.num_layers layers `layer_cls(cfg, **attrs)(x, *args)`: unrolled as
+    `layer_0 ... layer_{L-1}`, or with `cfg.scan_layers` one `nn.scan` (`layers/block`)
+    whose parameters, caches and sown values get a leading layer axis (logical name
+    "layers"), dropout keys differing per layer."""
+    if not cfg.scan_layers:
+        layer = _remat(layer_cls, cfg)
+        for i in range(cfg.num_layers):
+            x = layer(cfg, name=f"layer_{i}", **attrs)(x, *args)
+        return x
+    # prevent_cse=False: scan already stops the CSE that remat guards against.
+    scan = nn.scan(_remat(_ScanStep, cfg, prevent_cse=False),
+                   variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                    split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,) * num_broadcast, length=cfg.num_layers,
+                   in_axes=(nn.broadcast,) * len(args), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: SCAN_NAME})
-    return scan(cfg, name=SCAN_NAME, **attrs)
+    x, _ = scan(functools.partial(layer_cls, cfg, **attrs), name=SCAN_NAME)(x, *args)
+    return x
 
 
 def stack_layers(params: Any, num_layers: int) -> Any:
@@ -126,14 +132,8 @@ class Encoder(nn.Module):
         alpha, beta = 1.0, 1.0
         if cfg.norm_placement == "deepnorm":
             alpha, beta = deepnorm_constants(self.arch, cfg.num_layers, self.num_decoder_layers)["encoder"]
-        if cfg.scan_layers:
-            x, _ = _scanned(_EncoderStep, cfg, 2, alpha=alpha, beta=beta,
-                            deterministic=deterministic, sow_weights=sow_weights)(x, mask, kernel_kwargs)
-        else:
-            block = _block_class(EncoderBlock, cfg, static_argnums=(3, 4))
-            for i in range(cfg.num_layers):
-                x = block(cfg, alpha=alpha, beta=beta, name=f"layer_{i}")(
-                    x, mask, deterministic, sow_weights, **kernel_kwargs)
+        x = _run_layers(_EncoderLayer, cfg, x, (mask, kernel_kwargs), alpha=alpha, beta=beta,
+                        deterministic=deterministic, sow_weights=sow_weights)
         return _final_norm(cfg, x)
 
 
@@ -146,19 +146,12 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, memory=None, *, mask=None, memory_mask=None, deterministic=True,
-                 decode=False, sow_weights=False):
+                 decode=False, sow_weights=False, **kernel_kwargs):
         cfg = self.config
         alpha, beta = 1.0, 1.0
         if cfg.norm_placement == "deepnorm":
             alpha, beta = deepnorm_constants(self.arch, self.num_encoder_layers, cfg.num_layers)["decoder"]
-        if cfg.scan_layers:
-            x, _ = _scanned(_DecoderStep, cfg, 3, alpha=alpha, beta=beta,
-                            cross_attention=self.cross_attention, deterministic=deterministic,
-                            decode=decode, sow_weights=sow_weights)(x, memory, mask, memory_mask)
-        else:
-            block = _block_class(DecoderBlock, cfg, static_argnums=(5, 6, 7))
-            for i in range(cfg.num_layers):
-                x = block(cfg, alpha=alpha, beta=beta, cross_attention=self.cross_attention,
-                          name=f"layer_{i}")(x, memory, mask, memory_mask, deterministic, decode,
-                                             sow_weights)
+        x = _run_layers(_DecoderLayer, cfg, x, (memory, mask, memory_mask, kernel_kwargs),
+                        alpha=alpha, beta=beta, cross_attention=self.cross_attention,
+                        deterministic=deterministic, decode=decode, sow_weights=sow_weights)
         return _final_norm(cfg, x)

@@ -3,8 +3,10 @@
     diverged   a step's loss, gradient or update was not finite (the step then
                skips its update), or a validation loss after step 0 exceeds the
                loss at initialization (the run blew up past where it started).
-    spike      a training loss above SPIKE_FACTOR x the median of the previous
-               SPIKE_WINDOW finite losses (`training.DivergenceMonitor`).
+    spike      the library's definition (`training.divergence.count_spikes`, the
+               rule `DivergenceMonitor` applies): a training loss more than
+               SPIKE_NATS above the median of the previous SPIKE_WINDOW finite
+               losses; consecutive spike steps are one spike.
     escaped    the best validation loss is PLATEAU_MARGIN nats below the unigram
                baseline: the model uses context rather than token frequencies only.
                The typical failure of post-LN without warm-up at this scale is to
@@ -17,9 +19,9 @@ import math
 
 import numpy as np
 
-from transformer_jax.training import DivergenceMonitor
+from transformer_jax.training import divergence as training_divergence
+from transformer_jax.training.divergence import SPIKE_NATS, SPIKE_WINDOW
 
-SPIKE_FACTOR, SPIKE_WINDOW = 1.5, 20
 PLATEAU_MARGIN = 0.05
 
 
@@ -56,10 +58,12 @@ def divergence(val_steps, val_loss, finite) -> tuple[int | None, str]:
 
 
 def count_spikes(loss, grad_norm, finite) -> int:
-    monitor = DivergenceMonitor(SPIKE_FACTOR, SPIKE_WINDOW, min_history=10)
-    for step, (l, g, f) in enumerate(zip(loss, grad_norm, finite)):
-        monitor.update(step, {"loss": l, "grad_norm": g, "finite": f})
-    return monitor.num_spikes
+    """Spike events of a run's training curve; a step that diverged (non-finite loss
+    or gradient, or finite=0: `training.is_diverged`) is neither a spike nor history."""
+    kept = [float(l) if math.isfinite(g) and f else math.nan
+            for l, g, f in zip(np.asarray(loss, np.float64), np.asarray(grad_norm, np.float64),
+                               np.asarray(finite))]
+    return training_divergence.count_spikes(kept)
 
 
 def run_record(spec, result, index: int, unigram: float, fingerprint: str) -> dict:

@@ -9,9 +9,11 @@ results directory is skipped.
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from experiments.ln import analysis, records
@@ -19,7 +21,7 @@ from experiments.ln.data import load_task_data
 from experiments.ln.gradnorm import measure
 from experiments.ln.presets import Preset, Sweep, model_config, sweep_config
 from experiments.ln.sweep import RunSpec, group_specs, run_group
-from transformer_jax.training.metrics import model_flops_per_token
+from transformer_jax.training.metrics import count_params, model_flops_per_token
 
 # Equality of vmapped and one-by-one runs, in loss (the issue's tolerance).
 CHECK_TOLERANCE = 1e-4
@@ -36,9 +38,21 @@ class Log:
             print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
 
 
+@functools.lru_cache(maxsize=256)
+def _num_params(config) -> int:
+    """Parameters (position tables excluded), counted on the scanned twin of `config`:
+    the same parameters stacked on a layer axis, but tracing one layer instead of
+    all of them (an unscanned 24-24 trace takes seconds, and `estimate` counts every
+    model of every preset)."""
+    from transformer_jax.training.state import init_params   # models are heavy; lazy
+    scanned = config.replace(scan_layers=True)
+    params = jax.eval_shape(lambda k: init_params(scanned, k)[0], jax.random.key(0))
+    return count_params(params, exclude_position=True)
+
+
 def _flops_per_token(preset, task, placement, layers, width, seq) -> float:
     config = model_config(preset, task, placement, layers, width, seq)
-    return float(model_flops_per_token(config, config.max_len))
+    return float(model_flops_per_token(config, config.max_len, num_params=_num_params(config)))
 
 
 def estimate(preset: Preset) -> dict:
@@ -63,6 +77,15 @@ def estimate(preset: Preset) -> dict:
         programs += len(s.placements) + (1 if s.check_runs else 0)
     return {"flops": flops, "programs": programs,
             "seconds": flops / preset.device_flops + programs * preset.compile_s}
+
+
+def estimate_line(preset: Preset) -> str:
+    """`estimate` in words: the line the benchmark prints at start."""
+    e = estimate(preset)
+    return (f"estimate: ~{e['seconds'] / 60:.0f} min = {e['flops'] / 1e12:.1f} TFLOP of model "
+            f"arithmetic (6 N + attention per token) at an assumed "
+            f"{preset.device_flops / 1e12:g} TFLOP/s sustained ({preset.device}) + "
+            f"{e['programs']} XLA compilations at an assumed {preset.compile_s:g} s each")
 
 
 def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> None:

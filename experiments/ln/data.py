@@ -44,10 +44,10 @@ def _corpus(max_chars):
 
 
 def _data_config(kind: str, seq: int):
-    if kind == "bert":
+    if kind == "mlm":
         # BERT masks 15% of the tokens (Devlin et al. 2018): room for seq / 6 predictions.
         return BertDataConfig(max_len=seq, max_predictions_per_seq=max(2, seq // 6))
-    if kind == "gpt":
+    if kind == "lm":
         return GPTDataConfig(seq_len=seq)
     # Word-level "translation" (`transformer_jax.data.seq2seq`): a fixed vocabulary map
     # with local reordering, so the decoder needs cross-attention to every source word.

@@ -65,10 +65,10 @@ def measure(preset: Preset, study: GradNormStudy, placement: str, depth: int,
     config = model_config(preset, study.task, placement, depth, study.width).replace(
         scan_layers=True)
     model, task = cached_model(config), get_task(study.task)
-    args, kwargs = task.inputs(task.example_batch(config, 1, config.max_len))
+    example = task.example_batch(config, 1, config.max_len)
 
     def mean_grad(key, seed_batches):
-        params = model.init(key, *args, **kwargs, deterministic=True)["params"]
+        params = task.apply(model.init, key, example, deterministic=True)["params"]
 
         def add(total, batch):
             loss, _, grads = compute_grads(model.apply, params, batch, None, task)

@@ -27,8 +27,9 @@ PLACEMENTS: dict[str, dict] = {
     "deepnorm": {"norm_placement": "deepnorm"},
     "pre-rms": {"norm_placement": "pre", "norm_type": "rmsnorm"},
 }
-# task (training objective, `transformer_jax.training.TASKS`) -> (model preset, data)
-TASKS = {"mlm": ("bert-tiny", "bert"), "lm": ("gpt-tiny", "gpt"),
+# task (training objective, `transformer_jax.training.TASKS`) -> (model preset, data:
+# a `transformer_jax.data.pipeline.DATASETS` name)
+TASKS = {"mlm": ("bert-tiny", "mlm"), "lm": ("gpt-tiny", "lm"),
          "seq2seq": ("transformer-tiny", "translation")}
 
 

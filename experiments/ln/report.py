@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.ln import plots, records, verdicts
-from experiments.ln.analysis import PLATEAU_MARGIN, SPIKE_FACTOR, SPIKE_WINDOW, steps_to_target
+from experiments.ln.analysis import PLATEAU_MARGIN, SPIKE_NATS, SPIKE_WINDOW, steps_to_target
 from experiments.ln.bench import CHECK_TOLERANCE
 from experiments.ln.presets import Preset
 from experiments.ln.verdicts import TASK_NAMES
@@ -243,8 +243,9 @@ def _settings(preset: Preset) -> list[str]:
             f"{s.weight_decay}, no clipping, dropout 0")
     lines.append(f"- a run *did not learn* if it diverged (a non-finite loss/gradient, or a "
                  f"validation loss above its initial value) or never got {PLATEAU_MARGIN} nats "
-                 f"below the unigram baseline; a *spike* is a training loss above "
-                 f"{SPIKE_FACTOR}x the median of the previous {SPIKE_WINDOW}")
+                 f"below the unigram baseline; a *spike* is a training loss more than "
+                 f"{SPIKE_NATS:g} nat above the median of the previous {SPIKE_WINDOW} "
+                 f"(`training.divergence`; consecutive spike steps count once)")
     return lines
 
 

@@ -118,8 +118,10 @@ def init_params(config, task: str, key):
     compiling init (its random-number generation above all) costs seconds per model,
     while eager ops are compiled once per shape and then shared by every seed, run
     and study using the same model."""
-    args, kwargs = TASKS[task].inputs(TASKS[task].example_batch(config, 1, config.max_len))
-    return cached_model(config).init(key, *args, **kwargs, deterministic=True)["params"]
+    spec = TASKS[task]
+    example = spec.example_batch(config, 1, config.max_len)
+    # `Task.apply` calls the method the task trains (GPT: `token_stats`).
+    return spec.apply(cached_model(config).init, key, example, deterministic=True)["params"]
 
 
 def init_state(config, task: str, tx, key) -> TrainState:

@@ -19,6 +19,10 @@ from transformer_jax.attention.config import AttentionConfig
 
 Initializer = Callable[..., Any]
 default_init = nn.initializers.normal(stddev=0.02)
+# "cache" entries of a decoding cross-attention: the projected memory keys/values
+# `[..., src_len, kv_heads, head_dim]` and whether they have been filled.
+MEMORY_CACHE_KEYS = ("cached_memory_key", "cached_memory_value")
+MEMORY_READY_KEY = "memory_ready"
 
 
 class HeadProjection(nn.Module):
@@ -82,7 +86,8 @@ class MultiHeadAttention(nn.Module):
       position: "rope" or "alibi" are applied here; anything else is a no-op
         because additive positions are added to the embeddings.
     Call-time switches: `deterministic` (dropout off), `decode` (use and update
-    the key/value cache in the "cache" collection), `sow_weights` (store the
+    the key/value cache in the "cache" collection; cross-attention caches the
+    projected memory once, see `_memory_kv`), `sow_weights` (store the
     probabilities in "intermediates" under "attention_weights").
     """
     num_heads: int
@@ -106,21 +111,56 @@ class MultiHeadAttention(nn.Module):
     # instead of three; the parameters stay three separate kernels either way.
     fused_qkv: bool = True
 
-    def _projections(self, inputs_q, inputs_kv, is_self, q_shape, kv_shape):
-        """q `[..., q_len, heads, head_dim]`, k and v `[..., kv_len, kv_heads, head_dim]`."""
+    def _projections(self, inputs_q, inputs_kv, is_self, q_shape, kv_shape, cache_memory=False):
+        """q `[..., q_len, heads, head_dim]`, k and v `[..., kv_len, kv_heads, head_dim]`.
+        `cache_memory` (decoding cross-attention): k and v via `_memory_kv`."""
         def weights(name, shape, init):
             return HeadProjection(shape, self.use_bias, self.param_dtype, init,
                                   self.logical_partitioning, name=name)()
         wq = weights("query", (inputs_q.shape[-1], *q_shape), self.kernel_init)
         wk = weights("key", (inputs_kv.shape[-1], *kv_shape), self.kernel_init)
         wv = weights("value", (inputs_kv.shape[-1], *kv_shape), self.value_init or self.kernel_init)
+        if cache_memory:
+            k, v = self._memory_kv(lambda: self._project_kv(inputs_kv, wk, wv),
+                                   (*inputs_kv.shape[:-1], *kv_shape))
+            return project_heads(inputs_q, [wq], self.dtype)[0], k, v
         if not self.fused_qkv:
             return tuple(project_heads(x, [w], self.dtype)[0]
                          for x, w in ((inputs_q, wq), (inputs_kv, wk), (inputs_kv, wv)))
         if is_self:
             return tuple(project_heads(inputs_q, [wq, wk, wv], self.dtype))
-        k, v = project_heads(inputs_kv, [wk, wv], self.dtype)
+        k, v = self._project_kv(inputs_kv, wk, wv)
         return project_heads(inputs_q, [wq], self.dtype)[0], k, v
+
+    def _project_kv(self, inputs_kv, wk, wv):
+        if not self.fused_qkv:
+            return tuple(project_heads(inputs_kv, [w], self.dtype)[0] for w in (wk, wv))
+        return tuple(project_heads(inputs_kv, [wk, wv], self.dtype))
+
+    def _memory_kv(self, project, shape):
+        """Cross-attention keys/values while decoding. The memory is fixed for the whole
+        decode, so it is projected once: on the first call after the cache is created
+        (`memory_ready` False), then read from the cache on every later step. `lax.cond`
+        keeps one program (and one cache structure) for both cases, so a jitted decode
+        loop skips the projection at run time instead of recompiling."""
+        key, value = MEMORY_CACHE_KEYS
+        if not self.has_variable("cache", key):   # init: only create the slots, sized by the memory
+            k, v = project()
+            self.variable("cache", key, jnp.zeros, k.shape, k.dtype)
+            self.variable("cache", value, jnp.zeros, v.shape, v.dtype)
+            self.variable("cache", MEMORY_READY_KEY, lambda: jnp.array(False))
+            return k, v
+        cached_k, cached_v = self.variable("cache", key), self.variable("cache", value)
+        ready = self.variable("cache", MEMORY_READY_KEY)
+        if shape != cached_k.value.shape:
+            raise ValueError(f"cross-attention memory gives keys of shape {shape} but the "
+                             f"decode cache holds {cached_k.value.shape}: create the cache "
+                             "for this memory's batch and length")
+        stored = cached_k.value, cached_v.value
+        k, v = jax.lax.cond(ready.value, lambda: stored,
+                            lambda: tuple(t.astype(s.dtype) for t, s in zip(project(), stored)))
+        cached_k.value, cached_v.value, ready.value = k, v, jnp.array(True)
+        return k, v
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, *, mask=None, bias=None, causal: bool = False,
@@ -139,7 +179,7 @@ class MultiHeadAttention(nn.Module):
         variant = registry.get(self.attention.kind)
 
         q, k, v = self._projections(inputs_q, inputs_kv, is_self, (self.num_heads, head_dim),
-                                    (kv_heads, head_dim))
+                                    (kv_heads, head_dim), cache_memory=decode and not is_self)
         q, k, v = (logical.constrain(t, logical.PER_HEAD) for t in (q, k, v))
 
         q_len = q.shape[-3]

@@ -43,6 +43,11 @@ class AttentionVariant:
     # accepts (not a window, a sparse pattern or an approximation): models using it
     # can be exported to libraries that compute attention densely (hf/config.py).
     exact: bool = False
+    # Attends from queries of one length to keys of another under any key mask
+    # (the dense kernels), so it can serve cross-attention; the position-based
+    # patterns (windows, BigBird blocks, Linformer's fixed length) cannot, and
+    # `blocks.cross_attention_config` replaces them by "xla" there.
+    cross_attention: bool = False
 
 
 _REGISTRY: dict[str, AttentionVariant] = {}
@@ -100,7 +105,7 @@ def _xla(q, k, v, *, mask, bias, causal, config, extra, dropout_rate, dropout_rn
         dropout_rng=dropout_rng, deterministic=deterministic)
 
 
-register(AttentionVariant("xla", _xla, exact=True))
+register(AttentionVariant("xla", _xla, exact=True, cross_attention=True))
 
 
 def cudnn_unavailable_reason(dtype) -> str | None:
@@ -233,7 +238,7 @@ def _auto(q, k, v, *, mask, bias, causal, config, extra, dropout_rate, dropout_r
 # The default: cuDNN flash attention on a GPU, splash attention on a TPU, where
 # each applies (see `cudnn_applies`, `variants.splash.applies`), the XLA reference
 # everywhere else; all compute the same function.
-register(AttentionVariant("auto", _auto, exact=True))
+register(AttentionVariant("auto", _auto, exact=True, cross_attention=True))
 
 
 def _validate_cudnn(config, *, causal, position, attention_dropout):
@@ -245,5 +250,5 @@ def _validate_cudnn(config, *, causal, position, attention_dropout):
 
 
 register(AttentionVariant("cudnn", _cudnn, validate=_validate_cudnn, supports_weights=False,
-                           exact=True))
+                           exact=True, cross_attention=True))
 register_auto("cudnn", cudnn_applies)

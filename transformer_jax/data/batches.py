@@ -14,6 +14,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from transformer_jax.ids import first_out_of_range
+
 Batch = dict[str, np.ndarray]
 
 
@@ -31,13 +33,12 @@ def validate_token_ids(ids, vocab_size: int, field: str = "input_ids") -> np.nda
         return arr
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{field} must hold integer token ids, got dtype {arr.dtype}")
-    bad = (arr < 0) | (arr >= vocab_size)
-    if bad.any():
-        pos = tuple(int(i) for i in np.argwhere(bad)[0])
-        pos_str = pos[0] if len(pos) == 1 else pos
+    bad = first_out_of_range(arr, vocab_size)
+    if bad is not None:
+        pos = bad.index[0] if len(bad.index) == 1 else bad.index
         raise ValueError(
-            f"{field} has token id {int(arr[pos])} at position {pos_str} outside the "
-            f"valid range [0, {vocab_size}) ({int(bad.sum())} bad id(s) in total); "
+            f"{field} has token id {bad.value} at position {pos} outside the "
+            f"valid range [0, {vocab_size}) ({bad.count} bad id(s) in total); "
             "the tokenizer's vocabulary does not match the model's vocab_size")
     return arr
 

@@ -24,10 +24,9 @@ import dataclasses
 
 import numpy as np
 
-from transformer_jax.data.batches import ExampleDataset, example_rng, pad_to
-from transformer_jax.data.corpus import Corpus
-from transformer_jax.data.tokenized import TokenizedCorpus, tokenize_corpus
-from transformer_jax.data.tokenizer import Tokenizer, VocabInfo
+from transformer_jax.data.batches import example_rng, pad_to
+from transformer_jax.data.tokenized import TokenizedCorpus, TokenizedDataset
+from transformer_jax.data.tokenizer import VocabInfo
 
 IS_NEXT, NOT_NEXT = 0, 1
 BERT_FIELDS = ("input_ids", "token_type_ids", "attention_mask", "mlm_positions",
@@ -64,7 +63,7 @@ class BertDataConfig:
                              f"{self.mask_token_prob + self.random_token_prob} must be <= 1")
 
 
-class BertDataset(ExampleDataset):
+class BertDataset(TokenizedDataset):
     """Batches of BERT pretraining examples; see the module docstring.
 
     Batch arrays (B = batch size, L = max_len, P = max_predictions_per_seq):
@@ -74,6 +73,7 @@ class BertDataset(ExampleDataset):
       prediction, 0 = padding), nsp_labels [B] int32 (0 = IsNext, 1 = NotNext).
     """
 
+    config_class = BertDataConfig
     fields = BERT_FIELDS
     id_fields = ("input_ids", "mlm_ids")
 
@@ -103,14 +103,6 @@ class BertDataset(ExampleDataset):
         # never specials.
         n_ids = min(vocab.size, self.model_vocab_size)
         self._replacement_ids = np.setdiff1d(np.arange(n_ids), list(specials))
-
-    @classmethod
-    def from_tokenizer(cls, source: Corpus | TokenizedCorpus, tokenizer: Tokenizer,
-                       config: BertDataConfig = BertDataConfig(),
-                       model_vocab_size: int | None = None) -> "BertDataset":
-        """Tokenize ``source`` (unless already tokenized) and build the dataset."""
-        data = tokenize_corpus(source, tokenizer) if isinstance(source, Corpus) else source
-        return cls(data, tokenizer.vocab_info(), config, model_vocab_size)
 
     # -- segment pairs --------------------------------------------------------
     def _chunk_end(self, start: int, target: int, min_segments: int) -> int:

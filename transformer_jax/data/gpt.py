@@ -16,10 +16,9 @@ import functools
 
 import numpy as np
 
-from transformer_jax.data.batches import ExampleDataset, pad_to
-from transformer_jax.data.corpus import Corpus
-from transformer_jax.data.tokenized import TokenizedCorpus, tokenize_corpus
-from transformer_jax.data.tokenizer import Tokenizer, VocabInfo
+from transformer_jax.data.batches import pad_to
+from transformer_jax.data.tokenized import TokenizedCorpus, TokenizedDataset
+from transformer_jax.data.tokenizer import VocabInfo
 
 GPT_FIELDS = ("input_ids", "targets", "loss_mask")
 
@@ -40,10 +39,11 @@ def _epoch_order(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, 1])).permutation(num_blocks)
 
 
-class GPTDataset(ExampleDataset):
+class GPTDataset(TokenizedDataset):
     """Batches: input_ids [B, L] int32, targets [B, L] int32 (inputs shifted left by
     one), loss_mask [B, L] float32 (1 = real target, 0 = padding)."""
 
+    config_class = GPTDataConfig
     fields = GPT_FIELDS
     id_fields = ("input_ids", "targets")
 
@@ -61,14 +61,6 @@ class GPTDataset(ExampleDataset):
         self.stream = np.concatenate([x for doc in docs for x in (doc, eos)])
         # ceil((N - 1) / L) blocks; every stream token except the first is a target once.
         self.num_blocks = max(1, -(-(len(self.stream) - 1) // config.seq_len))
-
-    @classmethod
-    def from_tokenizer(cls, source: Corpus | TokenizedCorpus, tokenizer: Tokenizer,
-                       config: GPTDataConfig = GPTDataConfig(),
-                       model_vocab_size: int | None = None) -> "GPTDataset":
-        """Tokenize ``source`` (unless already tokenized) and build the dataset."""
-        data = tokenize_corpus(source, tokenizer) if isinstance(source, Corpus) else source
-        return cls(data, tokenizer.vocab_info(), config, model_vocab_size)
 
     def example(self, index: int, seed: int = 0) -> dict[str, np.ndarray]:
         """input_ids, targets `[L]` int32 and loss_mask `[L]` float32 of block ``index``

@@ -33,10 +33,9 @@ import dataclasses
 
 import numpy as np
 
-from transformer_jax.data.batches import ExampleDataset, example_rng, pad_to
-from transformer_jax.data.corpus import Corpus
-from transformer_jax.data.tokenized import TokenizedCorpus, tokenize_corpus
-from transformer_jax.data.tokenizer import Tokenizer, VocabInfo
+from transformer_jax.data.batches import example_rng, pad_to
+from transformer_jax.data.tokenized import TokenizedCorpus, TokenizedDataset
+from transformer_jax.data.tokenizer import VocabInfo
 
 SEQ2SEQ_FIELDS = ("src_ids", "src_mask", "tgt_in", "tgt_out", "tgt_mask")
 
@@ -105,11 +104,12 @@ class TranslationDataConfig(Seq2SeqDataConfig):
     kind: str = "translate"
 
 
-class Seq2SeqDataset(ExampleDataset):
+class Seq2SeqDataset(TokenizedDataset):
     """Batches: src_ids [B, S] int32, src_mask [B, S] bool, tgt_in [B, T] int32,
     tgt_out [B, T] int32, tgt_mask [B, T] bool, with T = S + 1; masks are True on
     real tokens (tgt_mask covers the EOS)."""
 
+    config_class = Seq2SeqDataConfig
     fields = SEQ2SEQ_FIELDS
     id_fields = ("src_ids", "tgt_in", "tgt_out")
 
@@ -129,14 +129,6 @@ class Seq2SeqDataset(ExampleDataset):
         special = {*vocab.special_ids, vocab.pad_id, vocab.bos_id, vocab.eos_id}
         self.vocab_map = (vocab_derangement(vocab.size, special, config.map_seed)
                           if config.kind == "translate" else None)
-
-    @classmethod
-    def from_tokenizer(cls, source: Corpus | TokenizedCorpus, tokenizer: Tokenizer,
-                       config: Seq2SeqDataConfig = Seq2SeqDataConfig(),
-                       model_vocab_size: int | None = None) -> "Seq2SeqDataset":
-        """Tokenize ``source`` (unless already tokenized) and build the dataset."""
-        data = tokenize_corpus(source, tokenizer) if isinstance(source, Corpus) else source
-        return cls(data, tokenizer.vocab_info(), config, model_vocab_size)
 
     def example(self, index: int, seed: int = 0) -> dict[str, np.ndarray]:
         """src_ids `[S]`, src_mask `[S]`, tgt_in, tgt_out, tgt_mask `[S + 1]` of one

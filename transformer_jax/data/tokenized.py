@@ -8,11 +8,11 @@ index arithmetic.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import ClassVar, Self, Sequence
 
 import numpy as np
 
-from transformer_jax.data.batches import validate_token_ids
+from transformer_jax.data.batches import ExampleDataset, validate_token_ids
 from transformer_jax.data.corpus import Corpus
 from transformer_jax.data.tokenizer import Tokenizer
 
@@ -116,3 +116,23 @@ def tokenize_corpus(corpus: Corpus, tokenizer: Tokenizer) -> TokenizedCorpus:
         docs.append(doc_ids)
         starts.append(doc_starts)
     return TokenizedCorpus.from_documents(docs, starts)
+
+
+class TokenizedDataset(ExampleDataset):
+    """An ExampleDataset built from a TokenizedCorpus and its tokenizer's VocabInfo.
+
+    Subclasses take ``(data, vocab, config, model_vocab_size)`` in ``__init__`` and
+    name their config's class in ``config_class``; ``from_tokenizer`` is the one
+    way from raw text (or tokens) and a tokenizer to any of them.
+    """
+
+    config_class: ClassVar[type]
+
+    @classmethod
+    def from_tokenizer(cls, source: Corpus | TokenizedCorpus, tokenizer: Tokenizer,
+                       config=None, model_vocab_size: int | None = None) -> Self:
+        """Tokenize ``source`` (unless already tokenized) and build the dataset;
+        ``config`` None means ``config_class()``, the defaults."""
+        data = tokenize_corpus(source, tokenizer) if isinstance(source, Corpus) else source
+        config = cls.config_class() if config is None else config
+        return cls(data, tokenizer.vocab_info(), config, model_vocab_size)

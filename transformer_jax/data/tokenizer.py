@@ -71,6 +71,11 @@ class Tokenizer:
         self.path = path  # file it was loaded from; None when built in memory
 
     # -- special tokens -------------------------------------------------------
+    @property
+    def backend(self) -> hf.Tokenizer:
+        """The wrapped Hugging Face `tokenizers.Tokenizer` (e.g. to save as tokenizer.json)."""
+        return self._tok
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -142,6 +147,36 @@ class Tokenizer:
         """Like :meth:`encode_with_word_ids` for many texts, encoded in parallel."""
         encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [(e.ids, [-1 if w is None else w for w in e.word_ids]) for e in encs]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Like :meth:`encode` for many texts, encoded in parallel."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_words_batch(self, sentences: Sequence[Sequence[str]]
+                           ) -> list[tuple[list[int], list[int]]]:
+        """(ids, word_ids) of sentences already split into words (token
+        classification): token k comes from word ``word_ids[k]``, an index into its
+        sentence, and the words' tokens are in order. The pre-tokenizer may still
+        split a word ("os.path" -> os . path: one word id). A word the normalizer
+        erases (a zero-width space, a control character) becomes [UNK], so that every
+        word has a first sub-token to carry its label."""
+        encs = self._tok.encode_batch([list(s) for s in sentences], is_pretokenized=True,
+                                      add_special_tokens=False)
+        return [self._every_word(words, enc) for words, enc in zip(sentences, encs)]
+
+    def _every_word(self, words: Sequence[str], enc) -> tuple[list[int], list[int]]:
+        pieces: dict[int, list[int]] = {}
+        for token_id, w in zip(enc.ids, enc.word_ids):
+            pieces.setdefault(w, []).append(token_id)
+        ids, word_ids = [], []
+        for w, word in enumerate(words):
+            if w not in pieces and self.unk_id is None:
+                raise ValueError(f"word {word!r} encodes to no token and the tokenizer has "
+                                 f"no {UNK} to stand for it")
+            got = pieces.get(w, [self.unk_id])
+            ids += got
+            word_ids += [w] * len(got)
+        return ids, word_ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids (a sequence or 1-D array `[n]`)."""

@@ -8,7 +8,9 @@ HF names (transformers `modeling_bert.py`), per layer i under `encoder.layer.{i}
   output.LayerNorm                   -> mlp_norm
 Heads of `BertForPreTraining`: `cls.predictions.{transform.dense, transform.LayerNorm,
 bias}` -> `mlm_head/{transform, norm, bias}`, `cls.seq_relationship` -> `nsp_head`;
-the MLM decoder weight is the word-embedding matrix (tied).
+the MLM decoder weight is the word-embedding matrix (tied). The fine-tuning heads
+`BertForSequenceClassification` (with the pooler) and `BertForTokenClassification`
+(without) add `classifier` -> `classifier` (dense).
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def layout(config: BertConfig, *, heads: tuple[str, ...] = (), hf_prefix: str, o
            pooler: bool, skip: tuple[str, ...] = ()) -> m.Layout:
     """The HF <-> ours map of a BERT: HF `nn.Linear` weights `[out, in]` become kernels
     `[in, out]`, attention projections `[H*hd, d]` become `[d, H, hd]` (output
-    `[d, H*hd]` -> `[H, hd, d]`). `heads` among "mlm", "nsp". `hf_prefix` is "bert."
+    `[d, H*hd]` -> `[H, hd, d]`). `heads` among "mlm", "nsp", "classifier". `hf_prefix` is "bert."
     (head models) or "" (a `BertModel` saved alone); `ours_prefix` is "bert/" in our
     head and sentence models, "" for a bare `BertModel`."""
     entries = _encoder(config, hf_prefix, ours_prefix, pooler)
@@ -66,6 +68,8 @@ def layout(config: BertConfig, *, heads: tuple[str, ...] = (), hf_prefix: str, o
         entries += head
     if "nsp" in heads:
         entries += m.dense("cls.seq_relationship", "nsp_head")
+    if "classifier" in heads:
+        entries += m.dense("classifier", "classifier")
     return m.Layout(tuple(entries), tuple(tied), BUFFERS + skip)
 
 

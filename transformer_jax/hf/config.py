@@ -7,13 +7,18 @@ which is how transformers itself reads an old or sparse config.json.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformer_jax.attention import registry
+from transformer_jax.models import registry as families
 from transformer_jax.models.configs import BertConfig, GPTConfig
 
-BERT_ARCHITECTURES = ("BertModel", "BertForPreTraining", "BertForMaskedLM")
-GPT2_ARCHITECTURES = ("GPT2Model", "GPT2LMHeadModel")
+# The HF classes each family maps onto (one list: the family registry's entries).
+BERT_ARCHITECTURES = families.get_family("bert").hf_architectures
+# The fine-tuning heads: a `classifier` Dense on the encoder, label metadata in config.json.
+BERT_CLASSIFIERS = ("BertForSequenceClassification", "BertForTokenClassification")
+GPT2_ARCHITECTURES = families.get_family("gpt").hf_architectures
 
 # transformers' activation names (`transformers.activations.ACT2FN`) -> ours.
 # gelu_new and gelu_pytorch_tanh are both the tanh approximation of
@@ -87,6 +92,53 @@ def bert_from_hf(hf: dict, **overrides) -> BertConfig:
                   layer_norm_eps=hf["layer_norm_eps"], type_vocab_size=hf["type_vocab_size"],
                   init_std=hf["initializer_range"], embedding_norm=True,
                   tie_embeddings=True, position="learned", **overrides)
+
+
+def classifier_from_hf(hf: dict) -> dict:
+    """The label fields of a HF BERT classifier `config.json` -> our head's fields
+    {num_labels, labels, problem_type, classifier_dropout}, read as transformers'
+    `PretrainedConfig` does: `id2label` decides the label count when present (JSON
+    keys are strings), else `num_labels` (default 2). `labels` is None when the
+    names are HF's defaults "LABEL_i", so a round trip keeps None."""
+    id2label = hf.get("id2label")
+    if id2label:
+        try:
+            ids = sorted(int(k) for k in id2label)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config.json has id2label keys {sorted(id2label)!r}; they must be "
+                             "the label ids 0..num_labels-1") from err
+        if ids != list(range(len(ids))):
+            raise ValueError(f"config.json has id2label keys {ids}; they must be the label ids "
+                             f"0..{len(ids) - 1}, one per logit")
+        labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+        _check_label2id(hf.get("label2id"), labels)
+    else:
+        count = 2 if hf.get("num_labels") is None else hf["num_labels"]
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"config.json has num_labels={count!r}; must be an int >= 1")
+        labels = tuple(f"LABEL_{i}" for i in range(count))
+    default = labels == tuple(f"LABEL_{i}" for i in range(len(labels)))
+    return dict(num_labels=len(labels), labels=None if default else labels,
+                problem_type=hf.get("problem_type"), classifier_dropout=hf.get("classifier_dropout"))
+
+
+def _check_label2id(label2id, labels: tuple[str, ...]) -> None:
+    """label2id is what id2label implies here (it is rebuilt on export): warn if it is not."""
+    implied = {name: i for i, name in enumerate(labels)}
+    if label2id and {k: int(v) for k, v in label2id.items()} != implied:
+        warnings.warn(f"config.json has label2id={label2id!r}, not the inverse of id2label "
+                      f"{implied!r}; id2label is used (as transformers' pipelines do) and "
+                      "label2id is rebuilt from it on export", stacklevel=6)
+
+
+def classifier_to_hf(head) -> dict:
+    """Our classifier head's label fields -> HF config.json keys (`id2label` /
+    `label2id` always written: "LABEL_i" when `head.labels` is None, as transformers
+    writes them)."""
+    labels = head.labels or tuple(f"LABEL_{i}" for i in range(head.num_labels))
+    return dict(id2label={str(i): name for i, name in enumerate(labels)},
+                label2id={name: i for i, name in enumerate(labels)},
+                problem_type=head.problem_type, classifier_dropout=head.classifier_dropout)
 
 
 def gpt2_from_hf(hf: dict, **overrides) -> GPTConfig:

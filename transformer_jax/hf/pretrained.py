@@ -24,7 +24,8 @@ from transformer_jax.hf import bert, gpt2, io, mapping, sentence
 from transformer_jax.hf import config as config_lib
 from transformer_jax.hf.tokenizer import load_tokenizer
 from transformer_jax.models.bert import (BertForMaskedLM, BertForPreTraining,
-                                         BertForSentenceEmbedding, BertModel)
+                                         BertForSentenceEmbedding, BertForSequenceClassification,
+                                         BertForTokenClassification, BertModel)
 from transformer_jax.models.configs import BertConfig, GPTConfig
 from transformer_jax.models.gpt import GPT
 
@@ -36,6 +37,7 @@ class Pretrained:
     """An imported checkpoint: `model.apply({"params": params}, input_ids [batch, seq],
     ...)` gives what the HF model would (logits, hidden states or sentence vectors)."""
     model: nn.Module         # BertModel, BertForPreTraining, BertForMaskedLM,
+                             # BertForSequenceClassification, BertForTokenClassification,
                              # BertForSentenceEmbedding or GPT
     params: Any              # the "params" collection of `model`
     config: BertConfig | GPTConfig
@@ -68,7 +70,27 @@ def _bert_hidden(config):
 @functools.lru_cache(maxsize=8)
 def _gpt_hidden(module):
     return jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, attention_mask=mask,
-                                                     return_hidden=True))
+                                                     method="hidden"))
+
+
+# HF classifier architecture -> (our head, whether it has the pooler). As in
+# transformers: sequence classification reads the pooled [CLS]
+# (`BertModel(config)`), token classification the sequence output
+# (`BertModel(config, add_pooling_layer=False)`).
+_CLASSIFIERS = {"BertForSequenceClassification": (BertForSequenceClassification, True),
+                "BertForTokenClassification": (BertForTokenClassification, False)}
+
+
+def _bert_classifier(arch: str, hf: dict, config: BertConfig):
+    """(model, layout, kind) of a BERT fine-tuning head; its label fields
+    (num_labels, id2label, problem_type, classifier_dropout) come from config.json."""
+    cls, pooler = _CLASSIFIERS[arch]
+    try:
+        model = cls(config, **config_lib.classifier_from_hf(hf))
+    except ValueError as err:  # our head names its field; say where it came from
+        raise ValueError(f"BERT config.json gives an invalid {arch}: {err}") from err
+    return model, bert.layout(config, heads=("classifier",), hf_prefix="bert.",
+                              ours_prefix="bert/", pooler=pooler), arch
 
 
 def _bert_model(hf: dict, tensors: dict, pooling, overrides):
@@ -86,6 +108,8 @@ def _bert_model(hf: dict, tensors: dict, pooling, overrides):
         return (BertForSentenceEmbedding(config, pooling=pooling.mode, normalize=pooling.normalize),
                 bert.layout(config, hf_prefix=prefix, ours_prefix="bert/", pooler=False, skip=skip),
                 SENTENCE_TRANSFORMER)
+    if arch in _CLASSIFIERS:  # no decoder, so tie_word_embeddings does not matter
+        return _bert_classifier(arch, hf, config)
     if arch != "BertModel" and not hf.get("tie_word_embeddings", True):
         raise ValueError("config.json has tie_word_embeddings=False; this library's MLM head "
                          "always shares the word-embedding matrix")
@@ -107,10 +131,26 @@ def _gpt2_model(hf: dict, tensors: dict, pooling, overrides):
     prefix = gpt2.hf_prefix(tensors)
     if arch is None:
         arch = "GPT2LMHeadModel" if prefix or "lm_head.weight" in tensors else "GPT2Model"
+    if arch == "GPT2Model" and not hf.get("tie_word_embeddings", True):
+        hf = _untied_base_model(hf)
     config = config_lib.gpt2_from_hf(hf, **overrides)
-    # GPT2Model has no head; its logits through the tied embeddings are
+    # GPT2Model has no head; with tied embeddings its logits through them are
     # exactly those of the GPT2LMHeadModel it was trained in.
     return GPT(config), gpt2.layout(config, hf_prefix=prefix), arch
+
+
+def _untied_base_model(hf: dict) -> dict:
+    """A `GPT2Model` with tie_word_embeddings=False has no LM head in its file (HF
+    loads it as the bare transformer). It is imported tied (tie_embeddings=True),
+    so nothing is invented: the params are exactly the file's, `hidden_states`
+    matches HF's `last_hidden_state`, and `model.apply` logits read through `wte`,
+    which are not the logits of the separate head this model was trained with."""
+    warnings.warn("config.json has architectures=['GPT2Model'] with tie_word_embeddings=False: "
+                  "the file has no LM head, so it is imported with tie_embeddings=True. "
+                  "Pretrained.hidden_states() matches HF's last_hidden_state; model.apply "
+                  "logits go through the token embeddings, not the untied head this model was "
+                  "trained with", stacklevel=4)
+    return {**hf, "tie_word_embeddings": True}
 
 
 _FAMILIES = {"bert": _bert_model, "gpt2": _gpt2_model}
@@ -186,12 +226,17 @@ def _export_spec(model: nn.Module):
     specs = {BertModel: ("BertModel", (), "", "", getattr(model, "add_pooler", False)),
              BertForSentenceEmbedding: ("BertModel", (), "", "bert/", False),
              BertForMaskedLM: ("BertForMaskedLM", ("mlm",), "bert.", "bert/", False),
-             BertForPreTraining: ("BertForPreTraining", ("mlm", "nsp"), "bert.", "bert/", True)}
+             BertForPreTraining: ("BertForPreTraining", ("mlm", "nsp"), "bert.", "bert/", True),
+             **{cls: (arch, ("classifier",), "bert.", "bert/", pooler)
+                for arch, (cls, pooler) in _CLASSIFIERS.items()}}
     if type(model) not in specs:
         raise ValueError(f"cannot export a {type(model).__name__}; supported: GPT, "
                          f"{', '.join(c.__name__ for c in specs)}")
     arch, heads, hf_prefix, ours_prefix, pooler = specs[type(model)]
-    return (config_lib.bert_to_hf(cfg, arch),
+    hf_config = config_lib.bert_to_hf(cfg, arch)
+    if arch in config_lib.BERT_CLASSIFIERS:
+        hf_config.update(config_lib.classifier_to_hf(model))
+    return (hf_config,
             bert.layout(cfg, heads=heads, hf_prefix=hf_prefix, ours_prefix=ours_prefix, pooler=pooler))
 
 
@@ -208,8 +253,8 @@ def save_pretrained(directory, model: nn.Module, params, *, tokenizer=None, dtyp
     directory.mkdir(parents=True, exist_ok=True)
     io.write_safetensors(directory / io.SAFETENSORS, tensors)
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(str(directory / "tokenizer.json"))
+    if tokenizer is not None:   # a `tokenizers.Tokenizer`, or our `data.Tokenizer` around one
+        getattr(tokenizer, "backend", tokenizer).save(str(directory / "tokenizer.json"))
     if isinstance(model, BertForSentenceEmbedding):
         sentence.write_pipeline(directory, model.pooling, model.normalize, model.config.d_model,
                                 model.config.max_len)

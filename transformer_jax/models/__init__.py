@@ -7,23 +7,18 @@ from transformer_jax.models.configs import (PRESETS, BertConfig, EncoderDecoderC
 from transformer_jax.models.encoder_decoder import EncoderDecoder
 from transformer_jax.models.generate import GenerateOutput, generate, init_cache
 from transformer_jax.models.gpt import GPT
-
-
-def build(config):
-    """The default model for a config: BertForPreTraining, GPT or EncoderDecoder."""
-    if isinstance(config, BertConfig):
-        return BertForPreTraining(config)
-    if isinstance(config, GPTConfig):
-        return GPT(config)
-    if isinstance(config, EncoderDecoderConfig):
-        return EncoderDecoder(config)
-    raise ValueError(f"config of type {type(config).__name__} has no default model; "
-                     "expected BertConfig, GPTConfig or EncoderDecoderConfig")
+from transformer_jax.models.beam_search import BeamSearchOutput
+from transformer_jax.models.seq2seq_generate import (BeamOutput, Seq2SeqOutput, beam_search_seq2seq,
+                                                     generate_seq2seq, init_decode_cache)
+from transformer_jax.models.registry import (ModelFamily, build, family_of, get_family,
+                                             register_family, unregister_family)
 
 
 __all__ = [
-    "PRESETS", "BertConfig", "BertForMaskedLM", "BertForPreTraining", "BertForSentenceEmbedding",
+    "BeamOutput", "BeamSearchOutput", "Seq2SeqOutput", "beam_search_seq2seq", "generate_seq2seq",
+    "init_decode_cache", "PRESETS", "BertConfig", "BertForMaskedLM", "BertForPreTraining", "BertForSentenceEmbedding",
     "BertForSequenceClassification", "BertForTokenClassification", "BertModel",
-    "EncoderDecoder", "EncoderDecoderConfig", "GPT", "GPTConfig", "GenerateOutput", "build",
-    "generate", "get_config", "init_cache",
+    "EncoderDecoder", "EncoderDecoderConfig", "GPT", "GPTConfig", "GenerateOutput", "ModelFamily",
+    "build", "family_of", "generate", "get_config", "get_family", "init_cache", "register_family",
+    "unregister_family",
 ]

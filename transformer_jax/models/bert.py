@@ -61,7 +61,7 @@ class MLMHead(nn.Module):
     @nn.compact
     def __call__(self, x, embeddings: Embeddings):
         cfg = self.config
-        x = ACTIVATION_FNS.get(cfg.activation, ACTIVATION_FNS["gelu"])(_dense(cfg, cfg.d_model, "transform")(x))
+        x = ACTIVATION_FNS[cfg.activation](_dense(cfg, cfg.d_model, "transform")(x))
         x = make_norm(cfg.norm_type, cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype, "norm")(x)
         bias = self.param("bias", logical.param_init(nn.initializers.zeros, (logical.VOCAB,),
                                                      cfg.logical_partitioning),
@@ -108,28 +108,82 @@ class BertForMaskedLM(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-    """pooled [CLS] -> dropout -> logits `[..., num_labels]`."""
+    """pooled [CLS] -> dropout -> logits `[..., num_labels]` (HF `BertForSequenceClassification`).
+
+    labels: the name of each logit (HF `id2label`), None for HF's "LABEL_i".
+    problem_type: how the logits are trained and read, as HF's field: None,
+      "single_label_classification" (softmax + cross-entropy),
+      "multi_label_classification" (a sigmoid per label) or "regression" (raw values);
+      metadata only, the logits are the same for each.
+    classifier_dropout: dropout before the classifier; None uses config.dropout
+      (HF: classifier_dropout, else hidden_dropout_prob)."""
     config: BertConfig
     num_labels: int = 2
+    labels: tuple[str, ...] | None = None
+    problem_type: str | None = None
+    classifier_dropout: float | None = None
+
+    PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification",
+                     "regression")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_head(self, self.PROBLEM_TYPES)
+
+    @staticmethod
+    def check_head(head, problem_types) -> None:
+        """ValueError naming the field when num_labels, labels, problem_type or
+        classifier_dropout of a classifier `head` are inconsistent or invalid."""
+        name = type(head).__name__
+        if not isinstance(head.num_labels, int) or head.num_labels < 1:
+            raise ValueError(f"{name}: num_labels={head.num_labels!r}; must be an int >= 1")
+        if head.labels is not None and len(head.labels) != head.num_labels:
+            raise ValueError(f"{name}: labels has {len(head.labels)} names {head.labels!r} but "
+                             f"num_labels={head.num_labels}; give one name per label")
+        if head.problem_type not in problem_types:
+            raise ValueError(f"{name}: problem_type={head.problem_type!r}; valid: "
+                             f"{', '.join(map(repr, problem_types))}")
+        if head.problem_type == "single_label_classification" and head.num_labels == 1:
+            raise ValueError(f"{name}: problem_type='single_label_classification' needs "
+                             "num_labels >= 2 (one label is problem_type='regression')")
+        rate = head.classifier_dropout
+        if rate is not None and not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name}: classifier_dropout={rate!r}; must be None or in [0, 1)")
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic=True):
         _, pooled = BertModel(self.config, name="bert")(
             input_ids, token_type_ids, attention_mask, deterministic=deterministic)
-        pooled = nn.Dropout(self.config.dropout)(pooled, deterministic=deterministic)
+        rate = self.config.dropout if self.classifier_dropout is None else self.classifier_dropout
+        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
         return _dense(self.config, self.num_labels, "classifier")(pooled)
 
 
 class BertForTokenClassification(nn.Module):
-    """Per-token logits `[..., seq, num_labels]` (e.g. NER tags)."""
+    """Per-token logits `[..., seq, num_labels]` (e.g. NER tags) from the sequence
+    output, no pooler (HF `BertForTokenClassification`). labels and
+    classifier_dropout as in `BertForSequenceClassification`; problem_type only
+    None or "single_label_classification": HF trains this head with per-token
+    cross-entropy whatever its config says, so other values would name an
+    objective the head does not have."""
     config: BertConfig
     num_labels: int = 9
+    labels: tuple[str, ...] | None = None
+    problem_type: str | None = None
+    classifier_dropout: float | None = None
+
+    PROBLEM_TYPES = (None, "single_label_classification")
+
+    def __post_init__(self):
+        super().__post_init__()
+        BertForSequenceClassification.check_head(self, self.PROBLEM_TYPES)
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic=True):
         x, _ = BertModel(self.config, add_pooler=False, name="bert")(
             input_ids, token_type_ids, attention_mask, deterministic=deterministic)
-        x = nn.Dropout(self.config.dropout)(x, deterministic=deterministic)
+        rate = self.config.dropout if self.classifier_dropout is None else self.classifier_dropout
+        x = nn.Dropout(rate)(x, deterministic=deterministic)
         return _dense(self.config, self.num_labels, "classifier")(x)
 
 

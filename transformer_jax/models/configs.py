@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from transformer_jax.attention import registry
-from transformer_jax.config import TransformerConfig
+from transformer_jax.config import ACTIVATIONS, TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +20,16 @@ class BertConfig(TransformerConfig):
     type_vocab_size: int = 2
     embedding_norm: bool = True
     causal = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        # The MLM head's transform is one dense layer and an activation (Devlin et al.
+        # 2018); SwiGLU needs two projections, which BERT checkpoints do not have.
+        mlm_activations = tuple(a for a in ACTIVATIONS if a != "swiglu")
+        if self.activation not in mlm_activations:
+            raise ValueError(f"activation={self.activation!r} is not valid for BERT, whose MLM "
+                             "head transform is one dense layer and an activation; choose one "
+                             f"of {', '.join(map(repr, mlm_activations))}")
 
 
 @dataclasses.dataclass(frozen=True)

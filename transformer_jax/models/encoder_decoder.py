@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from transformer_jax.embeddings import Embeddings
 from transformer_jax.models.common import check_length, key_padding_mask
@@ -31,16 +32,34 @@ class EncoderDecoder(nn.Module):
                             deterministic=deterministic)
 
     def decode(self, memory, tgt_ids, src_mask=None, tgt_mask=None, *, src_ids=None,
-               deterministic=True):
+               deterministic=True, decode=False):
         """memory `[..., S, d_model]`, tgt_ids `[..., T]` -> logits `[..., T, vocab]`;
-        masks `[..., S]` / `[..., T]` are True/1 on real tokens."""
+        masks `[..., S]` / `[..., T]` are True/1 on real tokens. `decode=True` appends
+        to the "cache" collection (the decoder's self-attention keys/values and the
+        target position) instead of attending only within `tgt_ids`, and projects
+        `memory` to the cross-attention keys/values on the first call only: later
+        calls read them from the cache (their `memory` sets only the shape). See
+        `models/seq2seq_generate.py`."""
         check_length(tgt_ids, self.config.max_len, "tgt_ids")
-        x = self.embeddings(tgt_ids, deterministic=deterministic)
+        positions = jnp.arange(tgt_ids.shape[-1])
+        if decode:
+            positions = self._decode_positions(positions)
+        x = self.embeddings(tgt_ids, positions=positions, deterministic=deterministic)
         memory_mask = None if src_mask is None else key_padding_mask(
             src_mask, src_ids if src_ids is not None else src_mask, "src_mask")
         x = self.decoder(x, memory, mask=key_padding_mask(tgt_mask, tgt_ids, "tgt_mask"),
-                         memory_mask=memory_mask, deterministic=deterministic)
+                         memory_mask=memory_mask, deterministic=deterministic, decode=decode)
         return self.embeddings.attend(x)
+
+    def _decode_positions(self, positions):
+        """Offsets `positions` by the tokens already decoded, as `GPT` does; on the call
+        that creates the cache (sized by its input) nothing is offset or counted."""
+        if not self.has_variable("cache", "position_index"):
+            self.put_variable("cache", "position_index", jnp.array(0, jnp.int32))
+            return positions
+        index = self.get_variable("cache", "position_index")
+        self.put_variable("cache", "position_index", index + positions.shape[-1])
+        return index + positions
 
     def __call__(self, src_ids, tgt_ids, src_mask=None, tgt_mask=None, *, deterministic=True):
         """src_ids `[..., S]`, tgt_ids `[..., T]` (teacher-forced) -> logits `[..., T, vocab]`."""

@@ -18,16 +18,15 @@ from transformer_jax.parallel.multihost import (distributed_env, initialize_from
 from transformer_jax.parallel.pmap import (make_pmap_train_step, replicate, restore_replicated,
                                            save_replicated, split_batch, unreplicate)
 from transformer_jax.parallel.sharding import (abstract_sharded_state, batch_sharding,
-                                               create_sharded_state, logical_param_specs,
-                                               make_sharded_eval_step, make_sharded_train_step,
-                                               mesh_context, param_shardings, place_batch,
-                                               state_shardings)
+                                               create_sharded_state, make_sharded_eval_step,
+                                               make_sharded_train_step, mesh_context,
+                                               param_shardings, place_batch, state_shardings)
 from transformer_jax.parallel.strategy import PARALLEL_MODES, Strategy, make_strategy
 
 __all__ = [
     "LOGICAL_RULES", "MESH_AXES", "PARALLEL_MODES", "MeshConfig", "Strategy",
     "abstract_sharded_state", "batch_sharding", "create_sharded_state", "distributed_env",
-    "initialize_from_env", "logical_param_specs", "make_pmap_train_step",
+    "initialize_from_env", "make_pmap_train_step",
     "make_sharded_eval_step", "make_sharded_train_step", "make_strategy", "mesh_context",
     "param_shardings", "place_batch", "process_batch", "process_rows", "replicate",
     "restore_replicated", "save_replicated", "split_batch", "state_shardings", "unreplicate",

@@ -30,11 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from transformer_jax._compat import donate_argnums
 from transformer_jax.config import TransformerConfig
-from transformer_jax.models import build
 from transformer_jax.parallel.mesh import BATCH_AXES, LOGICAL_RULES
 from transformer_jax.training.state import TrainState, create_train_state
 from transformer_jax.training.step import eval_step, train_step
-from transformer_jax.training.tasks import TASKS, Task, get_task, task_for_config
+from transformer_jax.training.tasks import Task, get_task, resolve
 
 
 @contextlib.contextmanager
@@ -59,20 +58,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def _abstract_boxed_params(config: TransformerConfig, task: str | None):
     boxed = config.replace(logical_partitioning=True)
-    task = task or task_for_config(config)
+    spec = resolve(task, config)
     # Shapes do not depend on the example; max_len satisfies kernels that check lengths.
-    args, kwargs = TASKS[task].inputs(TASKS[task].example_batch(boxed, 1, boxed.max_len))
-    model = build(boxed)
-    return jax.eval_shape(lambda key: model.init(key, *args, **kwargs, deterministic=True),
+    batch, model = spec.example_batch(boxed, 1, boxed.max_len), spec.build_model(boxed)
+    return jax.eval_shape(lambda key: spec.apply(model.init, key, batch, deterministic=True),
                           jax.random.PRNGKey(0))["params"]
-
-
-def logical_param_specs(config: TransformerConfig, task: str | None = None):
-    """Tree (like the params) of logical PartitionSpecs, e.g.
-    `PartitionSpec('embed', 'heads', 'kv')` for a query kernel, read from an
-    abstract init with `logical_partitioning` on. Unnamed parameters (norms) get
-    `PartitionSpec()`: replicated."""
-    return nn.get_partition_spec(_abstract_boxed_params(config, task))
 
 
 def _check_divisible(shapes, shardings) -> None:
@@ -157,20 +147,34 @@ def _resolve(task: Task | str) -> Task:
     return get_task(task) if isinstance(task, str) else task
 
 
+def _jit_per_structure(make: Callable[[TrainState], Callable], shardings: TrainState) -> Callable:
+    """(state structure -> jitted step), made once per structure by `make(fitted
+    shardings)`. A TrainState's static fields (tx, lr_fn, apply_fn) are part of its
+    pytree structure and compared by identity, and jit needs its shardings to match
+    that structure: shardings computed with another `optimizer()` call's tx would be
+    refused. The NamedShardings are moved onto the state's structure instead."""
+    leaves = jax.tree.leaves(shardings)
+
+    @functools.lru_cache(maxsize=None)
+    def jitted(structure):
+        return make(jax.tree.unflatten(structure, leaves))
+    return lambda state: jitted(jax.tree.structure(state))
+
+
 def make_sharded_train_step(task: Task | str, mesh: jax.sharding.Mesh, shardings: TrainState,
                             rules=LOGICAL_RULES, *, donate: bool = True,
                             detailed: bool = False) -> Callable:
     """(state, batch) -> (state, metrics): `train_step` jitted over `mesh`. The batch may
     be this process's numpy rows `[B_local, ...]` or global arrays `[B, ...]` already
     placed; metrics (scalars) come back replicated. The state is donated."""
-    step = jax.jit(functools.partial(train_step, task=_resolve(task), detailed=detailed),
-                   in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated(mesh)),
-                   donate_argnums=donate_argnums(0, donate=donate))
+    fn = functools.partial(train_step, task=_resolve(task), detailed=detailed)
+    step = _jit_per_structure(lambda fitted: jax.jit(
+        fn, in_shardings=(fitted, batch_sharding(mesh)), out_shardings=(fitted, replicated(mesh)),
+        donate_argnums=donate_argnums(0, donate=donate)), shardings)
 
     def run(state, batch):
         with mesh_context(mesh, rules):
-            return step(state, place_batch(batch, mesh))
+            return step(state)(state, place_batch(batch, mesh))
     return run
 
 
@@ -178,10 +182,11 @@ def make_sharded_eval_step(task: Task | str, mesh: jax.sharding.Mesh, shardings:
                            rules=LOGICAL_RULES) -> Callable:
     """(state, batch `[B_local, ...]` rows or placed `[B, ...]`) -> scalar metrics,
     without dropout, over `mesh`."""
-    step = jax.jit(functools.partial(eval_step, task=_resolve(task)),
-                   in_shardings=(shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
+    fn = functools.partial(eval_step, task=_resolve(task))
+    step = _jit_per_structure(lambda fitted: jax.jit(
+        fn, in_shardings=(fitted, batch_sharding(mesh)), out_shardings=replicated(mesh)), shardings)
 
     def run(state, batch):
         with mesh_context(mesh, rules):
-            return step(state, place_batch(batch, mesh))
+            return step(state)(state, place_batch(batch, mesh))
     return run

@@ -21,21 +21,33 @@ from transformer_jax.training.state import create_train_state
 from transformer_jax.training.step import make_eval_step, make_train_step
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Strategy:
     """One `--parallel` mode: how the state is created and placed, and the train and
-    eval steps that take host batches `[B, ...]`."""
+    eval steps that take host batches `[B, ...]`. Frozen: `shard`'s state shardings are
+    computed up front (`bind`, or `make_strategy(..., tx=, task=)`), not by `create_state`."""
     mode: str = "none"
     mesh_config: MeshConfig | None = None   # shard only
     mesh: jax.sharding.Mesh | None = None
-    shardings: object = None                # TrainState of NamedShardings, once created
+    shardings: object = None                # shard: TrainState of NamedShardings, from `bind`
+
+    def bind(self, config, tx, *, task: str, lr_fn=None) -> "Strategy":
+        """This strategy with the shardings of the train state of (config, tx, task),
+        read from an abstract init (nothing allocated); `shard`'s steps need them.
+        The other modes need none: self."""
+        if self.mode != "shard":
+            return self
+        self.mesh_config.validate(jax.device_count(), config)
+        _, shardings = sharding_lib.abstract_sharded_state(
+            config, tx, self.mesh, self.mesh_config.rules, task=task, lr_fn=lr_fn)
+        return dataclasses.replace(self, shardings=shardings)
 
     def create_state(self, config, tx, rng, *, task: str, lr_fn=None):
         """A fresh state; sharded at creation for `shard` (never whole on one device)."""
         if self.mode != "shard":
             return create_train_state(config, tx, rng, task=task, lr_fn=lr_fn)
         self.mesh_config.validate(jax.device_count(), config)
-        state, self.shardings = sharding_lib.create_sharded_state(
+        state, _ = sharding_lib.create_sharded_state(
             config, tx, rng, self.mesh, self.mesh_config.rules, task=task, lr_fn=lr_fn)
         return state
 
@@ -55,7 +67,7 @@ class Strategy:
         if self.mode == "none":
             return make_train_step(task, detailed=detailed)
         if self.mode == "shard":
-            return sharding_lib.make_sharded_train_step(task, self.mesh, self.shardings,
+            return sharding_lib.make_sharded_train_step(task, self.mesh, self._shardings(),
                                                         self.mesh_config.rules, detailed=detailed)
         step = pmap_lib.make_pmap_train_step(task, detailed=detailed)
 
@@ -67,15 +79,24 @@ class Strategy:
     def eval_step(self, task) -> Callable:
         """(host state, host batch `[B, ...]`) -> scalar metrics."""
         if self.mode == "shard":
-            return sharding_lib.make_sharded_eval_step(task, self.mesh, self.shardings,
+            return sharding_lib.make_sharded_eval_step(task, self.mesh, self._shardings(),
                                                        self.mesh_config.rules)
         return make_eval_step(task)
 
+    def _shardings(self):
+        if self.shardings is None:
+            raise ValueError("parallel='shard' steps need the train state's shardings: build the "
+                             "strategy with make_strategy(..., config=, tx=, task=) or call "
+                             "strategy.bind(config, tx, task=...) first")
+        return self.shardings
+
 
 def make_strategy(mode: str = "none", mesh: str | MeshConfig | None = None, *,
-                  batch_size: int | None = None, config=None) -> Strategy:
+                  batch_size: int | None = None, config=None, tx=None, task: str | None = None,
+                  lr_fn=None) -> Strategy:
     """Validated strategy for `--parallel mode --mesh spec` on this machine's devices;
     with `config` (a TransformerConfig) and `batch_size` they are checked to fit too.
+    With `config`, `tx` and `task` too it is bound (`Strategy.bind`): its steps are ready.
     A shard run without a mesh spreads the batch over all devices (data=N)."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel={mode!r} is not valid; choose one of {', '.join(PARALLEL_MODES)}")
@@ -86,7 +107,11 @@ def make_strategy(mode: str = "none", mesh: str | MeshConfig | None = None, *,
             raise ValueError(f"batch_size={batch_size} is not divisible by the "
                              f"{jax.local_device_count()} local devices that pmap splits it over")
         return Strategy(mode)
+    if tx is not None and (config is None or task is None):
+        raise ValueError("make_strategy(tx=...) also needs config= and task= to compute the "
+                         "state's shardings")
     mesh_config = mesh if isinstance(mesh, MeshConfig) else (
         MeshConfig.parse(mesh) if mesh else MeshConfig(data=jax.device_count()))
     mesh_config.validate(jax.device_count(), config, batch_size)
-    return Strategy(mode, mesh_config, mesh_config.make_mesh())
+    strategy = Strategy(mode, mesh_config, mesh_config.make_mesh())
+    return strategy if tx is None else strategy.bind(config, tx, task=task, lr_fn=lr_fn)

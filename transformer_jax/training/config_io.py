@@ -11,18 +11,20 @@ from typing import Any, Mapping
 
 from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.config import TransformerConfig
-from transformer_jax.models.configs import BertConfig, EncoderDecoderConfig, GPTConfig
+from transformer_jax.models import registry as families
 
-CONFIG_CLASSES = {cls.__name__: cls for cls in
-                  (TransformerConfig, BertConfig, GPTConfig, EncoderDecoderConfig)}
+
+def config_classes() -> dict[str, type]:
+    """{name: class} of the storable configs: every registered family's, and the base."""
+    return families.config_classes()
 
 
 def config_to_dict(config: TransformerConfig) -> dict[str, Any]:
     """A JSON-serialisable dict of `config` (tuples become lists)."""
-    name = type(config).__name__
-    if name not in CONFIG_CLASSES or not dataclasses.is_dataclass(config):
+    name, classes = type(config).__name__, config_classes()
+    if classes.get(name) is not type(config) or not dataclasses.is_dataclass(config):
         raise ValueError(f"config of type {name} cannot be stored; expected one of "
-                         f"{', '.join(CONFIG_CLASSES)}")
+                         f"{', '.join(classes)}")
     fields = dataclasses.asdict(config)
     fields["attention"] = {k: list(v) if isinstance(v, tuple) else v
                            for k, v in fields["attention"].items()}
@@ -45,13 +47,13 @@ def config_from_dict(d: Mapping[str, Any]) -> TransformerConfig:
     """Inverse of `config_to_dict`; ValueError on an unknown class or field."""
     if not isinstance(d, Mapping) or "class" not in d or "fields" not in d:
         raise ValueError(f"config dict {d!r} must have keys 'class' and 'fields'")
-    if d["class"] not in CONFIG_CLASSES:
-        raise ValueError(f"config class {d['class']!r} is unknown; valid: "
-                         f"{', '.join(CONFIG_CLASSES)}")
+    classes = config_classes()
+    if d["class"] not in classes:
+        raise ValueError(f"config class {d['class']!r} is unknown; valid: {', '.join(classes)}")
     fields = dict(d["fields"])
     if isinstance(fields.get("attention"), Mapping):
         fields["attention"] = _build(AttentionConfig, fields["attention"], "config.attention")
-    return _build(CONFIG_CLASSES[d["class"]], fields, "config")
+    return _build(classes[d["class"]], fields, "config")
 
 
 def config_diff(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:

@@ -39,7 +39,7 @@ def nsp_loss(nsp_logits, nsp_labels) -> dict:
 
 def loss_from_token_stats(stats, weights) -> dict:
     """{"loss", "nll", "accuracy", "weight"} from per-token {"nll", "loss", "correct"}
-    `[B, L]` (`cross_entropy.token_stats`, or GPT given targets, maybe computed in
+    `[B, L]` (`cross_entropy.token_stats`, or `GPT.token_stats`, maybe computed in
     chunks) and weights `[B, L]`."""
     mean_nll, weight = weighted_mean(stats["nll"], weights)
     mean_loss, _ = weighted_mean(stats["loss"], weights)
@@ -48,8 +48,11 @@ def loss_from_token_stats(stats, weights) -> dict:
 
 
 def lm_loss(logits, targets, loss_mask) -> dict:
-    """Causal LM: logits `[B, L, V]` at each position predict targets `[B, L]` (the
-    next token); loss_mask `[B, L]` is 0 on padding."""
+    """Causal LM from logits in hand: logits `[B, L, V]` at each position predict
+    targets `[B, L]` (the next token); loss_mask `[B, L]` is 0 on padding. For
+    scoring logits already computed (the GPT notebook compares kernels' logits);
+    the training step instead takes `GPT.token_stats` (chunked when `loss_chunk`
+    is set, no whole fp32 logits) through `loss_from_token_stats`: the same numbers."""
     return _token_loss(logits, targets, loss_mask)
 
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import TransformerConfig
-from transformer_jax.models.configs import EncoderDecoderConfig
-from transformer_jax.stacks import SCAN_BLOCK, SCAN_NAME
+from transformer_jax.models.registry import family_of
+from transformer_jax.scan_names import SCAN_BLOCK, SCAN_NAME
 
 _LAYER = re.compile(r"layer_\d+")
 
@@ -80,13 +80,6 @@ def count_params(params, *, exclude_position: bool = False) -> int:
     return total
 
 
-def _attention_layers(config: TransformerConfig) -> int:
-    if isinstance(config, EncoderDecoderConfig):
-        # encoder self-attention + decoder self- and cross-attention
-        return config.num_layers + 2 * config.num_decoder_layers
-    return config.num_layers
-
-
 def model_flops_per_token(config: TransformerConfig, seq_len: int | None = None,
                           num_params: int | None = None) -> int:
     """Training FLOPs per token, 6 N + 12 L d T (Kaplan et al. 2020, arXiv 2001.08361,
@@ -94,15 +87,15 @@ def model_flops_per_token(config: TransformerConfig, seq_len: int | None = None,
     per parameter, plus attention scores and values over T positions in L layers.
 
     N excludes position embeddings (counted from `models.build(config)` unless
-    given); T is `seq_len` (default max_len). For the encoder-decoder, L counts the
-    encoder's and both decoder attentions and a token is a target token (source and
+    given); T is `seq_len` (default max_len). L is the family's `attention_layers`
+    (`models.registry`): for the encoder-decoder, the encoder's and both decoder attentions and a token is a target token (source and
     target of similar length). Dropout, softmax and norms are not counted."""
     if num_params is None:
         from transformer_jax.training.state import init_params  # models are heavy; lazy
         params = jax.eval_shape(lambda k: init_params(config, k)[0], jax.random.key(0))
         num_params = count_params(params, exclude_position=True)
     seq = config.max_len if seq_len is None else seq_len
-    return 6 * num_params + 12 * _attention_layers(config) * config.d_model * seq
+    return 6 * num_params + 12 * family_of(config).attention_layers(config) * config.d_model * seq
 
 
 def program_bytes(compiled) -> int | None:

@@ -35,9 +35,8 @@ def _resolve(task: Task | str) -> Task:
 
 def _forward(apply_fn, params, batch, task: Task, *, deterministic: bool, rng=None) -> dict:
     task.check_batch(batch)
-    args, kwargs = task.inputs(batch)
     rngs = None if rng is None else {"dropout": rng}
-    outputs = apply_fn({"params": params}, *args, **kwargs, deterministic=deterministic, rngs=rngs)
+    outputs = task.apply(apply_fn, {"params": params}, batch, deterministic=deterministic, rngs=rngs)
     return task.loss(outputs, batch, task)
 
 
@@ -104,7 +103,8 @@ def apply_grads(state: TrainState, grads, loss=None, *, detailed: bool = False
 
 def _with_perplexity(metrics: dict) -> dict:
     out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    out["perplexity"] = jnp.exp(out["nll"])
+    if "nll" in out:   # token-level tasks; a classifier's loss has no perplexity
+        out["perplexity"] = jnp.exp(out["nll"])
     return out
 
 

@@ -169,4 +169,4 @@ def _validate(config, *, causal, position, attention_dropout):
     common.check_positive(NAME, "key_chunk", config.key_chunk)
 
 
-register(AttentionVariant(NAME, _fn, validate=_validate, exact=True))
+register(AttentionVariant(NAME, _fn, validate=_validate, exact=True, cross_attention=True))

@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from transformer_jax import validation
 from transformer_jax.attention import functional
 
 NEG = jnp.finfo(jnp.float32).min  # finite "minus infinity": exp() of it is 0, never NaN
@@ -130,10 +131,8 @@ def safe_divide(num, den):
 
 
 def check_positive(name: str, field: str, value: int, minimum: int = 1) -> None:
-    """ValueError naming `attention.<field>` unless it is an int >= minimum."""
-    if not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"attention.{field}={value!r} is invalid for kind={name!r}: it must be an int >= {minimum}")
+    """ValueError naming `attention.<field>` and the kind unless it is an int >= minimum."""
+    validation.int_at_least(f"attention.{field}", value, minimum, where=f" for kind={name!r}")
 
 
 def reject(name: str, *, position: str | None = None, causal: bool | None = None,

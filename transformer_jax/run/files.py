@@ -1,0 +1,75 @@
+"""The files of a run directory besides the checkpoints: strict-JSON metrics and
+summary, and their truncation on resume (the loss plot is `run/plots.py`).
+
+JSON has no NaN or Infinity (RFC 8259, sec. 6); Python's `json` writes them anyway,
+and `jq` and strict parsers then reject the whole file. A non-finite value is
+written as `null`, and the record lists the keys it nulled under "nonfinite".
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def strict_json(record: dict) -> dict:
+    """`record` with array scalars as floats and non-finite floats as None, the nulled
+    keys listed under "nonfinite" (nested dicts are cleaned, and flagged by their key)."""
+    out, nonfinite = {}, []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            value = strict_json(value)
+            nonfinite += [f"{key}.{k}" for k in value.pop("nonfinite", [])]
+        elif isinstance(value, (np.floating, np.integer, np.ndarray, jax.Array)) and np.ndim(value) == 0:
+            value = value.item() if isinstance(value, np.integer) else float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+            nonfinite.append(key)
+        out[key] = value
+    if nonfinite:
+        out["nonfinite"] = nonfinite
+    return out
+
+
+def dumps(record: dict, **kwargs) -> str:
+    """Strict JSON text of `record` (see `strict_json`); never NaN or Infinity."""
+    return json.dumps(strict_json(record), allow_nan=False, **kwargs)
+
+
+class MetricsLog:
+    """metrics.jsonl: one strict-JSON line per logged step and per evaluation."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        """Append one JSON line."""
+        with self.path.open("a") as f:
+            f.write(dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        """Every record, in order ([] without a file)."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, step: int) -> int:
+        """Keep what a run resumed at `step` (its checkpoint) has already done: records
+        up to `step`, less the final evaluation of the session that stopped there.
+        Returns how many records were dropped; the file is replaced atomically."""
+        records = self.read()
+        kept = [r for r in records if r["step"] <= step and r.get("kind") != "final_eval"]
+        if len(kept) != len(records):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+        return len(records) - len(kept)
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """summary.json, strict JSON."""
+    Path(path).write_text(dumps(summary, indent=2))

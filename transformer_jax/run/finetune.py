@@ -1,0 +1,137 @@
+"""Fine-tuning runs (`--task classify | tag`): labeled files instead of a corpus,
+a label set saved with the run, an encoder started from a pre-trained checkpoint
+(`--init`), and `transformer-jax predict`.
+
+The files: `--data train.jsonl --eval-data dev.jsonl` (or .csv), fields `text`
+[, `text_pair`], `label` for classify and `tokens`, `tags` for tag
+(`data/labeled.py`). The label set is read from the training file and saved as
+`labels.json` beside the tokenizer; the whole eval file is scored at every
+evaluation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformer_jax.data import Corpus, Tokenizer, train_tokenizer
+from transformer_jax.data.labeled import LabelSet, make_labeled_datasets, read_labeled
+from transformer_jax.models import registry
+from transformer_jax.training.tasks import TASKS, get_task
+
+LABELS_FILE = "labels.json"
+
+
+def is_finetune(task_name: str) -> bool:
+    """Whether the task trains a head over a label set (classify, tag)."""
+    return TASKS[task_name].with_labels is not None
+
+
+def load_pretrained(path, task_name: str):
+    """-> (config, params, tokenizer, what it is) of `--init`: one of our run
+    directories, or a Hugging Face directory (config.json); its family must be the
+    one the task fine-tunes."""
+    from transformer_jax.run.loading import is_run_dir, load_run
+    path = Path(path)
+    if is_run_dir(path):
+        config, params, tokenizer, run = load_run(path)
+        what = f"run directory {str(path)!r} ({run.model}, {run.task}, step {run.steps})"
+    elif (path / "config.json").is_file():
+        from transformer_jax.hf import load_pretrained as load_hf
+        pre = load_hf(path)
+        if pre.tokenizer is None:
+            raise ValueError(f"--init {str(path)!r} has no tokenizer.json or vocab.txt")
+        config, params, tokenizer = pre.config, pre.params, Tokenizer(pre.tokenizer)
+        what = f"Hugging Face directory {str(path)!r}"
+    else:
+        raise ValueError(f"--init {str(path)!r} is neither a run directory (with checkpoints/) "
+                         "nor a Hugging Face directory (with config.json)")
+    want = TASKS[task_name].family
+    if registry.family_of(config).name != want:
+        raise ValueError(f"--init {str(path)!r} holds a {type(config).__name__}; task "
+                         f"{task_name!r} fine-tunes a {want} model")
+    return config, params, tokenizer, what
+
+
+def _texts(examples) -> list[list[str]]:
+    # One "document" per example, for training a tokenizer on the training file.
+    return [[e.text] + ([e.text_pair] if e.text_pair else []) if hasattr(e, "text")
+            else [" ".join(e.tokens)] for e in examples]
+
+
+def datasets(run, out: Path, tokenizer: Tokenizer | None):
+    """-> (tokenizer, train, eval, labels) of a fine-tuning run; nothing is written.
+    The tokenizer: the run's own on resume, else the given one (--init's), else
+    WordPiece trained on the training file."""
+    labels = None
+    if run.resume and (out / LABELS_FILE).is_file():
+        labels = LabelSet.load(out / LABELS_FILE)
+    if tokenizer is None:
+        corpus = Corpus(_texts(read_labeled(run.data, run.task)), source=str(run.data))
+        tokenizer = train_tokenizer(corpus, "wordpiece", run.vocab_size)
+    train, valid, labels = make_labeled_datasets(run.task, run.data, run.eval_data, tokenizer,
+                                                 run.seq_len, labels=labels)
+    return tokenizer, train, valid, labels
+
+
+def task_of(run_task: str, run_dir) -> object:
+    """The run's task, with its saved label set for a fine-tuning run."""
+    if not is_finetune(run_task):
+        return get_task(run_task)
+    return get_task(run_task, labels=load_labels(run_dir))
+
+
+def load_labels(run_dir) -> LabelSet:
+    path = Path(run_dir) / LABELS_FILE
+    if not path.is_file():
+        raise ValueError(f"{str(run_dir)!r} has no {LABELS_FILE}: it is not a fine-tuning run")
+    return LabelSet.load(path)
+
+
+def _predict_inputs(args, task_name: str) -> list[dict]:
+    """Records to label: --text (+ --text-pair) or --input-file (.jsonl records with the
+    training fields, or plain lines: a text, or whitespace-separated words for tag)."""
+    if args.input_file is None:
+        if not args.text:
+            raise ValueError("predict needs --text (repeatable) or --input-file")
+        return [{"text": t, "text_pair": args.text_pair} for t in args.text]
+    path = Path(args.input_file)
+    if not path.is_file():
+        raise ValueError(f"--input-file {str(path)!r} is not a file")
+    if path.suffix in (".jsonl", ".json"):
+        records = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from e
+        field = "tokens" if task_name == "tag" else "text"
+        bad = next((i for i, r in enumerate(records, 1)
+                    if not isinstance(r, dict) or field not in r), None)
+        if bad is not None:
+            raise ValueError(f"{path}: record {bad} has no field {field!r}")
+        return records
+    return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def predict(args) -> list[dict]:
+    """`transformer-jax predict`: the label (and its probability) of each text, or
+    the tag of each word, from a fine-tuned run directory."""
+    from transformer_jax.run.loading import load_run
+    from transformer_jax.training.finetune import predict_labels, predict_tags
+    config, params, tokenizer, run = load_run(args.model)
+    if not is_finetune(run.task):
+        raise ValueError(f"--model {args.model!r} is a {run.task} run; predict needs a "
+                         f"fine-tuned run ({', '.join(n for n in TASKS if is_finetune(n))})")
+    labels = load_labels(args.model)
+    records = _predict_inputs(args, run.task)
+    if run.task == "tag":
+        words = [r["tokens"] if "tokens" in r else r["text"].split() for r in records]
+        tags = predict_tags(params, config, tokenizer, labels, words, max_len=run.seq_len)
+        return [{"tokens": list(w), "tags": t} for w, t in zip(words, tags)]
+    texts = [r["text"] for r in records]
+    pairs = [r.get("text_pair") for r in records]
+    names, probs = predict_labels(params, config, tokenizer, labels, texts,
+                                  pairs if any(pairs) else None, max_len=run.seq_len)
+    return [{"text": t, **({"text_pair": p} if p else {}), "label": n, "probability": round(float(q), 4)}
+            for t, p, n, q in zip(texts, pairs, names, probs)]

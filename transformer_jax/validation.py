@@ -1,0 +1,61 @@
+"""Checks of config fields, one set for every config in the package.
+
+Each raises a ValueError that names the field, repeats the value and says what is
+valid, so a bad setting fails where it enters. This module imports nothing from
+the package: any module, however low, can use it.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool: Python counts True as 1, a config should not."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require(name: str, ok: bool, value: Any, valid: str) -> None:
+    """Unless ok: ValueError "{name}={value!r} is not valid: {valid}"."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not valid: {valid}")
+
+
+def choice(name: str, value: Any, valid: tuple) -> None:
+    """ValueError listing `valid` (their reprs) unless value is one of them."""
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+def positive_int(name: str, value: Any) -> None:
+    """ValueError unless value is an int (not a bool) > 0."""
+    if not is_int(value) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def positive_number(name: str, value: Any) -> None:
+    """ValueError unless value is a finite real number (not a bool) > 0."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) \
+            or not 0 < value < math.inf:
+        raise ValueError(f"{name}={value!r} must be a positive number")
+
+
+def probability(name: str, value: float) -> None:
+    """ValueError unless 0 <= value < 1 (a dropout rate: 1 would drop everything)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be in [0, 1)")
+
+
+def boolean(name: str, value: Any) -> None:
+    """ValueError unless value is True or False (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+
+
+def int_at_least(name: str, value: Any, minimum: int, *, where: str = "") -> None:
+    """ValueError "{name}={value!r} is invalid{where}: it must be an int >= {minimum}"
+    unless value is an int >= minimum; `where` qualifies the field, e.g.
+    " for kind='local'". A bool passes as the int it is."""
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid{where}: it must be an int >= {minimum}")
