@@ -104,3 +104,16 @@ def test_the_checker_catches_an_upward_import():
     assert any(layer_of(n) not in ALLOWED["training"] for n in names if layer_of(n))
     assert layer_of("transformer_jax.parallel.strategy") not in ALLOWED["training"]
     assert layer_of("transformer_jax.training.runner") not in ALLOWED["training"]   # an old path
+
+
+@pytest.mark.parametrize("old, name", [("transformer_jax.training.runner", "train"),
+                                       ("transformer_jax.training.run_config", "RunConfig"),
+                                       ("transformer_jax.cli", "main")])
+def test_old_paths_still_work_with_a_warning(old, name):
+    import importlib
+    module = importlib.import_module(old)
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to transformer_jax.run"):
+        value = getattr(module, name)
+    home = {"train": "transformer_jax.run.loop", "RunConfig": "transformer_jax.run.config",
+            "main": "transformer_jax.run.cli"}[name]
+    assert value is getattr(importlib.import_module(home), name)
