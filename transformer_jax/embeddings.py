@@ -21,7 +21,7 @@ import numpy as np
 
 from transformer_jax import initializers, partitioning as logical, positional
 from transformer_jax.config import TransformerConfig
-from transformer_jax.ids import first_out_of_range
+from transformer_jax.data.ids import first_out_of_range
 from transformer_jax.normalization import make_norm
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from transformer_jax.ids import first_out_of_range
+from transformer_jax.data.ids import first_out_of_range
 
 Batch = dict[str, np.ndarray]
 

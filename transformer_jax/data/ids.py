@@ -1,4 +1,5 @@
-"""The range check shared by both boundaries where token ids enter (numpy only).
+"""The range check shared by both boundaries where token ids enter (numpy only; it
+lives with the data package, the lowest layer both boundaries may import).
 
 Ids are checked where data enters (`data.batches.validate_token_ids`) and where a
 model reads them (`embeddings.check_ids`); each words its own error, naming the
