@@ -64,8 +64,9 @@ def _check_task(task: str) -> None:
 
 # -- reading -------------------------------------------------------------------
 
-def _rows(path: Path):
-    """(line, record) pairs of a JSON Lines or CSV file."""
+def read_rows(path: Path):
+    """(line, record) pairs of a JSON Lines or CSV file; ValueError naming the file
+    and line of a row that is not a JSON object."""
     suffix = path.suffix.lower()
     if suffix not in _JSON_SUFFIXES + _CSV_SUFFIXES:
         raise ValueError(f"{path}: unknown file type {suffix!r}; valid: "
@@ -154,7 +155,7 @@ def read_labeled(path: str | os.PathLike, task: str) -> list:
     path = Path(path)
     csv_file = path.suffix.lower() in _CSV_SUFFIXES
     make = _classify_example if task == "classify" else _tag_example
-    examples = [make(path, line, record, csv_file) for line, record in _rows(path)]
+    examples = [make(path, line, record, csv_file) for line, record in read_rows(path)]
     if not examples:
         raise ValueError(f"{path}: the file holds no examples")
     return examples

@@ -62,21 +62,8 @@ def train(args) -> int:
 
 def _load(path):
     """-> (config, params, tokenizer, pooling) from a run dir or a Hugging Face dir."""
-    from pathlib import Path
-    from transformer_jax.run.loading import is_run_dir, load_run
-    if is_run_dir(path):
-        config, params, tokenizer, _ = load_run(path)
-        return config, params, tokenizer, "cls"
-    if (Path(path) / "config.json").is_file():
-        from transformer_jax.data import Tokenizer
-        from transformer_jax.hf import load_pretrained
-        pre = load_pretrained(path)
-        if pre.tokenizer is None:
-            raise ValueError(f"{path} has no tokenizer.json or vocab.txt; the CLI needs one")
-        pooling = pre.pooling.mode if pre.pooling is not None else "cls"
-        return pre.config, pre.params, Tokenizer(pre.tokenizer), pooling
-    raise ValueError(f"--model {path!r} is neither a run directory (with checkpoints/) nor a "
-                     "Hugging Face directory (with config.json)")
+    from transformer_jax.run.loading import load_model_dir
+    return load_model_dir(path)[:4]
 
 
 def _require(config, command: str, where) -> None:

@@ -73,3 +73,19 @@ class MetricsLog:
 def write_summary(path: Path, summary: dict) -> None:
     """summary.json, strict JSON."""
     Path(path).write_text(dumps(summary, indent=2))
+
+
+def input_lines(path, flag: str = "--input-file") -> list[str]:
+    """The non-blank lines of a UTF-8 file of inputs (`generate`, `predict`);
+    ValueError naming `flag` if it is missing, not UTF-8, or has no such line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag} {str(path)!r} is not a file")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from e
+    if not lines:
+        raise ValueError(f"{flag} {str(path)!r} has no non-blank line")
+    return lines

@@ -10,11 +10,11 @@ evaluation.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformer_jax.data import Corpus, Tokenizer, train_tokenizer
-from transformer_jax.data.labeled import LabelSet, make_labeled_datasets, read_labeled
+from transformer_jax.data.labeled import LabelSet, make_labeled_datasets, read_labeled, read_rows
+from transformer_jax.run.files import input_lines
 from transformer_jax.models import registry
 from transformer_jax.training.tasks import TASKS, get_task
 
@@ -30,21 +30,8 @@ def load_pretrained(path, task_name: str):
     """-> (config, params, tokenizer, what it is) of `--init`: one of our run
     directories, or a Hugging Face directory (config.json); its family must be the
     one the task fine-tunes."""
-    from transformer_jax.run.loading import is_run_dir, load_run
-    path = Path(path)
-    if is_run_dir(path):
-        config, params, tokenizer, run = load_run(path)
-        what = f"run directory {str(path)!r} ({run.model}, {run.task}, step {run.steps})"
-    elif (path / "config.json").is_file():
-        from transformer_jax.hf import load_pretrained as load_hf
-        pre = load_hf(path)
-        if pre.tokenizer is None:
-            raise ValueError(f"--init {str(path)!r} has no tokenizer.json or vocab.txt")
-        config, params, tokenizer = pre.config, pre.params, Tokenizer(pre.tokenizer)
-        what = f"Hugging Face directory {str(path)!r}"
-    else:
-        raise ValueError(f"--init {str(path)!r} is neither a run directory (with checkpoints/) "
-                         "nor a Hugging Face directory (with config.json)")
+    from transformer_jax.run.loading import load_model_dir
+    config, params, tokenizer, _, what = load_model_dir(path, "--init")
     want = TASKS[task_name].family
     if registry.family_of(config).name != want:
         raise ValueError(f"--init {str(path)!r} holds a {type(config).__name__}; task "
@@ -95,23 +82,15 @@ def _predict_inputs(args, task_name: str) -> list[dict]:
             raise ValueError("predict needs --text (repeatable) or --input-file")
         return [{"text": t, "text_pair": args.text_pair} for t in args.text]
     path = Path(args.input_file)
-    if not path.is_file():
-        raise ValueError(f"--input-file {str(path)!r} is not a file")
-    if path.suffix in (".jsonl", ".json"):
-        records = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from e
-        field = "tokens" if task_name == "tag" else "text"
-        bad = next((i for i, r in enumerate(records, 1)
-                    if not isinstance(r, dict) or field not in r), None)
-        if bad is not None:
-            raise ValueError(f"{path}: record {bad} has no field {field!r}")
-        return records
-    return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix not in (".jsonl", ".json"):
+        return [{"text": line} for line in input_lines(path)]
+    field = "tokens" if task_name == "tag" else "text"
+    records = []
+    for line, record in read_rows(path):   # a JSON object a line, or the line named
+        if field not in record:
+            raise ValueError(f"{path}:{line}: record has no field {field!r}")
+        records.append(record)
+    return records
 
 
 def predict(args) -> list[dict]:

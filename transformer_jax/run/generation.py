@@ -31,18 +31,8 @@ def inputs(args) -> list[str]:
     """The texts to generate from: --input-file's lines (blank ones skipped), else --prompt."""
     if args.input_file is None:
         return [args.prompt]
-    from pathlib import Path
-    path = Path(args.input_file)
-    if not path.is_file():
-        raise ValueError(f"--input-file {str(path)!r} is not a file")
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--input-file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
-                         f"{e.start})") from e
-    if not lines:
-        raise ValueError(f"--input-file {str(path)!r} has no non-blank line")
-    return lines
+    from transformer_jax.run.files import input_lines
+    return input_lines(args.input_file)
 
 
 def _encode(tokenizer, texts, flag="--prompt"):

@@ -32,3 +32,24 @@ def load_run(path, step: int | None = None):
     state, _ = restore_checkpoint(path / "checkpoints", target, step=record["step"], config=config)
     tokenizer = Tokenizer.from_file(path / record["metadata"].get("tokenizer", "tokenizer"))
     return config, state.params, tokenizer, run
+
+
+def load_model_dir(path, flag: str = "--model"):
+    """-> (config, params, tokenizer, pooling, what it is) from one of our run
+    directories or a Hugging Face directory (config.json and a tokenizer); `flag`
+    names the option in errors."""
+    if is_run_dir(path):
+        config, params, tokenizer, run = load_run(path)
+        return config, params, tokenizer, "cls", (f"run directory {str(path)!r} ({run.model}, "
+                                                  f"{run.task}, step {run.steps})")
+    if (Path(path) / "config.json").is_file():
+        from transformer_jax.hf import load_pretrained
+        pre = load_pretrained(path)
+        if pre.tokenizer is None:
+            raise ValueError(f"{flag} {str(path)!r} has no tokenizer.json or vocab.txt; the CLI "
+                             "needs one")
+        pooling = pre.pooling.mode if pre.pooling is not None else "cls"
+        return (pre.config, pre.params, Tokenizer(pre.tokenizer), pooling,
+                f"Hugging Face directory {str(path)!r}")
+    raise ValueError(f"{flag} {str(path)!r} is neither a run directory (with checkpoints/) nor a "
+                     "Hugging Face directory (with config.json)")

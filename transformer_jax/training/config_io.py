@@ -11,12 +11,9 @@ from typing import Any, Mapping
 
 from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.config import TransformerConfig
-from transformer_jax.models import registry as families
-
-
-def config_classes() -> dict[str, type]:
-    """{name: class} of the storable configs: every registered family's, and the base."""
-    return families.config_classes()
+# The storable configs: every registered family's, and the base (looked up per call,
+# so a family registered later is stored too).
+from transformer_jax.models.registry import config_classes
 
 
 def config_to_dict(config: TransformerConfig) -> dict[str, Any]:
