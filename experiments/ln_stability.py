@@ -24,7 +24,22 @@ import resource
 import time
 from pathlib import Path
 
-import jax
+
+def _cpu_devices(environ=os.environ) -> None:
+    """One virtual XLA:CPU device per core, up to 8, unless XLA_FLAGS already says how
+    many: XLA:CPU runs one device's program on about one core, so the sweep's run axis
+    (sharded over the local devices) and the gradient study's programs (one per
+    device) then use every core. No effect on GPUs and TPUs. Before JAX starts only."""
+    flags = environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        count = min(8, os.cpu_count() or 1)
+        environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+if __name__ == "__main__":   # the command, not an import (JAX may be running already)
+    _cpu_devices()
+
+import jax  # noqa: E402  (after _cpu_devices)
 
 from experiments.ln import bench, report
 from experiments.ln.presets import PRESETS, get_preset
@@ -84,8 +99,9 @@ def main(argv=None) -> Path:
     timing = None if args.report_only else {
         "wall_s": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu0,
         "args": "" if args.seeds is None else f" --seeds {','.join(map(str, args.seeds))}",
-        "machine": f"JAX {jax.__version__}, backend {jax.default_backend()}, "
-                   f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end"}
+        "machine": f"JAX {jax.__version__}, backend {jax.default_backend()} "
+                   f"({jax.local_device_count()} devices), {os.cpu_count()} CPU cores, "
+                   f"load average {os.getloadavg()[0]:.1f} at the end"}
     path = report.write_report(preset, out, timing)
     log(f"report: {path}")
     return path

@@ -229,6 +229,11 @@ def devices_main(out_path, task):
         rec = {"device_count": jax.device_count(), "ref_losses": ref["loss"],
                "ref_grad_norms": ref["grad_norm"], "sharded": {},
                "pmap": run_pmap(task, ref, ref_params, os.path.join(tmp, "pmap"))}
+        from transformer_jax.parallel import make_strategy
+        auto = make_strategy("auto", batch_size=16)
+        rec["auto"] = {"mode": auto.mode, "data": auto.mesh_config.data,
+                       "uneven_batch": make_strategy("auto", batch_size=12).mode,
+                       "with_mesh": make_strategy("auto", "fsdp=8").mesh_config.fsdp}
         for mesh_text in MESHES:
             state, rec["sharded"][mesh_text] = run_sharded(
                 task, mesh_text, init, ref, ref_params, sharded_init=mesh_text == FULL_MESH)

@@ -108,6 +108,17 @@ def test_pmap_step_equals_single_device_step(device_results):
         assert r["layer_norms"] >= 2, (task, r)        # detailed=True: per-layer norms too
 
 
+def test_auto_is_sharded_jit_on_several_devices(device_results):
+    """The default --parallel auto: jit + NamedSharding over all 8 devices (data=8), one
+    device when the batch does not split evenly; a mesh spec means shard; on this
+    process's single device, none."""
+    for task in ("lm", "mlm"):
+        assert device_results[task]["auto"] == {"mode": "shard", "data": 8,
+                                                "uneven_batch": "none", "with_mesh": 8}
+    assert jax.device_count() == 1 and parallel.make_strategy("auto").mode == "none"
+    assert parallel.make_strategy().mode == "none"   # auto is the default
+
+
 def test_replicated_state_checkpoints_round_trip(device_results):
     for task in ("lm", "mlm"):
         r = device_results[task]["pmap"]
@@ -263,8 +274,9 @@ def test_command_line_flags(tmp_path, capsys):
     from transformer_jax.run.config import RunConfig
     with pytest.raises(ValueError, match="parallel='mpi' is not valid"):
         RunConfig(parallel="mpi")
-    with pytest.raises(ValueError, match="only used with --parallel shard"):
-        RunConfig(mesh="data=2")
+    with pytest.raises(ValueError, match="only used with --parallel shard or auto"):
+        RunConfig(parallel="none", mesh="data=2")
+    assert RunConfig().parallel == "auto"
     with pytest.raises(ValueError, match="'model=2' is not AXIS=SIZE"):
         RunConfig(parallel="shard", mesh="model=2")
     assert RunConfig(parallel="shard", mesh="data=2,fsdp=2,tensor=2").mesh == "data=2,fsdp=2,tensor=2"

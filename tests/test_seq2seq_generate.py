@@ -108,6 +108,11 @@ PAD, BOS, EOS = 0, 1, 2
 V, S = 12, 5   # reversal task: ids 3..11 in sources of 2..5 tokens
 
 
+def _init(model, seed, *args):
+    """Parameters from one compiled init (not hundreds of eagerly dispatched ops)."""
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), *args)["params"]
+
+
 def _reversal_batch(rng, n):
     """Right-padded sources `[n, S]` of random ids and their reversals + EOS `[n, S + 1]`."""
     lens = rng.integers(2, S + 1, n)
@@ -144,9 +149,16 @@ def test_trained_model_generates_the_reversal(trained):
     beam = sg.beam_search_seq2seq(model, params, held_out["src_ids"], held_out["src_mask"],
                                   beam_size=3, max_new_tokens=S + 1, bos_id=BOS, eos_id=EOS)
     for out in (greedy, beam):
-        exact = (np.asarray(out.tokens) == held_out["tgt_out"]).all(1)
+        tokens = np.asarray(out.tokens)
+        exact = (tokens == held_out["tgt_out"]).all(1)
         assert exact.mean() >= 0.9, exact     # chance is ~(1/9)^length
-        np.testing.assert_array_equal(out.lengths, held_out["tgt_mask"].sum(1))
+        # `lengths` counts the tokens up to the first EOS, EOS included, on every row
+        # (right or wrong); a row that never ends has them all.
+        ended = (tokens == EOS).any(1)
+        np.testing.assert_array_equal(out.lengths, np.where(ended, np.argmax(tokens == EOS, 1) + 1,
+                                                            tokens.shape[1]))
+        np.testing.assert_array_equal(np.asarray(out.lengths)[exact],
+                                      held_out["tgt_mask"].sum(1)[exact])
 
 
 def _full_forward_greedy(model, params, src, mask, steps):
@@ -184,7 +196,7 @@ def test_cached_steps_match_the_full_forward(scan_layers):
     model, rng = EncoderDecoder(cfg), np.random.default_rng(1)
     src, tgt = rng.integers(0, 23, (3, 6)).astype(np.int32), rng.integers(0, 23, (3, 5)).astype(np.int32)
     mask = np.arange(6) < np.array([6, 4, 1])[:, None]
-    params = model.init(jax.random.PRNGKey(2), src, tgt, mask)["params"]
+    params = _init(model, 2, src, tgt, mask)
     expected = jax.jit(model.apply)({"params": params}, src, tgt, mask)
 
     @jax.jit
@@ -211,8 +223,8 @@ def test_memory_keys_values_are_projected_once(scan_layers):
     model, rng = EncoderDecoder(cfg), np.random.default_rng(7)
     src, tgt = rng.integers(0, 23, (2, 6)).astype(np.int32), rng.integers(0, 23, (2, 2)).astype(np.int32)
     mask = np.arange(6) < np.array([6, 3])[:, None]
-    params = model.init(jax.random.PRNGKey(3), src, tgt, mask)["params"]
-    memory = model.apply({"params": params}, src, mask, method=EncoderDecoder.encode)
+    params = _init(model, 3, src, tgt, mask)
+    memory = jax.jit(lambda p: model.apply({"params": p}, src, mask, method=EncoderDecoder.encode))(params)
     other = jnp.asarray(rng.normal(size=memory.shape), memory.dtype)
     step = jax.jit(lambda p, mem, tokens, cache: sg._step_fn(model, p, mem, mask)(tokens, cache))
     _, cache = step(params, memory, jnp.asarray(tgt[:, 0]), sg.init_decode_cache(model, 2, 6, 2))
@@ -220,7 +232,7 @@ def test_memory_keys_values_are_projected_once(scan_layers):
     swapped, _ = step(params, other, jnp.asarray(tgt[:, 1]), cache)
     np.testing.assert_array_equal(swapped, same)
 
-    grads = jax.grad(lambda p: step(p, other, jnp.asarray(tgt[:, 1]), cache)[0].sum())(params)
+    grads = jax.jit(jax.grad(lambda p: step(p, other, jnp.asarray(tgt[:, 1]), cache)[0].sum()))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         names = [getattr(k, "key", None) for k in path]
         if "cross_attention" in names and names[-2] in ("key", "value", "query"):
@@ -277,7 +289,7 @@ def test_beam_search_equals_exhaustive_search_on_the_model():
     model, rng = EncoderDecoder(cfg), np.random.default_rng(4)
     src = rng.integers(0, vocab, (2, 4)).astype(np.int32)
     mask = np.arange(4) < np.array([4, 2])[:, None]
-    params = model.init(jax.random.PRNGKey(5), src, src[:, :steps], mask)["params"]
+    params = _init(model, 5, src, src[:, :steps], mask)
     out = sg.beam_search_seq2seq(model, params, src, mask, beam_size=k, length_penalty=alpha,
                                  max_new_tokens=steps, bos_id=BOS, eos_id=EOS)
     # Every y in vocab^steps, teacher-forced as [BOS, y1, y2]: float64 log-probs per position.

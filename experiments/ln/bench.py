@@ -1,6 +1,6 @@
 """The benchmark's two studies, resumable: what runs, in which order, what is written.
 
-    gradnorm study   per (placement, depth): all seeds at once, eagerly -> gradnorm.jsonl
+    gradnorm study   per (placement, depth): all seeds in one program   -> gradnorm.jsonl
     sweep            per (task, placement): one vmapped program       -> runs.jsonl, groups.jsonl
     check            a few runs again one by one, same seeds            -> checks.jsonl
 
@@ -9,6 +9,7 @@ results directory is skipped.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import time
 from pathlib import Path
@@ -99,12 +100,19 @@ def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> No
     data = load_task_data(preset, study.task, cache_dir)
     # {field: [seeds, batches, batch, ...]}: each seed's own stream of mini-batches.
     batches = data.train_batches(study.seeds, study.batches, study.batch_size)
-    for i, (placement, depth) in enumerate(todo):
-        rows = measure(preset, study, placement, depth, batches)
-        records.append(out_dir, records.GRADNORM, [{"fingerprint": fp, **r} for r in rows])
-        top = np.mean([r["w2"][-1] for r in rows])
-        log(f"gradient norms at init {i + 1}/{len(todo)}: {placement:8s} L={depth:<3d} "
-            f"last-layer |dW2| = {top:.3g} (mean of {len(rows)} seeds)")
+    # One (placement, depth) program per local device at a time, from threads (JAX
+    # compiles and runs with the GIL released): on a CPU with one virtual device per
+    # core (`ln_stability.py`) the compilations, most of this study's time, overlap.
+    devices = jax.local_devices()
+    with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+        jobs = [pool.submit(measure, preset, study, placement, depth, batches,
+                            devices[i % len(devices)]) for i, (placement, depth) in enumerate(todo)]
+        done_rows = (job.result() for job in jobs)   # in order, as they finish
+        for i, ((placement, depth), rows) in enumerate(zip(todo, done_rows)):
+            records.append(out_dir, records.GRADNORM, [{"fingerprint": fp, **r} for r in rows])
+            top = np.mean([r["w2"][-1] for r in rows])
+            log(f"gradient norms at init {i + 1}/{len(todo)}: {placement:8s} L={depth:<3d} "
+                f"last-layer |dW2| = {top:.3g} (mean of {len(rows)} seeds)")
 
 
 def _check_specs(sweep: Sweep) -> list[RunSpec]:

@@ -57,11 +57,12 @@ def layer_grad_norms(grads, task: str, num_layers: int) -> dict[str, list[float]
 
 
 def measure(preset: Preset, study: GradNormStudy, placement: str, depth: int,
-            batches: dict) -> list[dict]:
+            batches: dict, device=None) -> list[dict]:
     """One record per seed of `study.seeds`: per-layer norms of the mean gradient of a
     fresh model from that seed over that seed's batches (`batches`: {field: [seeds,
     study.batches, batch, ...]}), and the mean loss. Seeds are vmapped, batches
-    scanned, in one compiled program per (placement, depth)."""
+    scanned, in one compiled program per (placement, depth), run on `device`
+    (default: the default device)."""
     config = model_config(preset, study.task, placement, depth, study.width).replace(
         scan_layers=True)
     model, task = cached_model(config), get_task(study.task)
@@ -78,6 +79,8 @@ def measure(preset: Preset, study: GradNormStudy, placement: str, depth: int,
         return jax.tree.map(lambda x: x / study.batches, (loss, grads))
 
     keys = jnp.stack([jax.random.PRNGKey(s) for s in study.seeds])
+    if device is not None:   # committed inputs: the program runs where they are
+        keys, batches = jax.device_put((keys, batches), device)
     losses, grads = jax.device_get(jax.jit(jax.vmap(mean_grad))(keys, batches))
     records = []
     for i, seed in enumerate(study.seeds):

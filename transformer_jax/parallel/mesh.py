@@ -21,7 +21,9 @@ import jax
 
 from transformer_jax import partitioning as logical
 
-PARALLEL_MODES = ("none", "pmap", "shard")   # `transformer-jax train --parallel`
+# `transformer-jax train --parallel`; "auto" (the default) resolves to "shard" over
+# every device when there are several and the batch splits evenly, else "none".
+PARALLEL_MODES = ("auto", "none", "pmap", "shard")
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")   # mesh axes the batch dimension is split over
 

@@ -3,6 +3,9 @@
   none   one device: `make_train_step` as is
   pmap   state replicated on every local device, batch split per device
   shard  state sharded over a data x fsdp x tensor mesh, batch split over data x fsdp
+  auto   `shard` with data=<all devices> when there are several devices (and the
+         batch splits over them), else `none`: jit + NamedSharding is the default,
+         pmap (a `jit(shard_map)` in maintenance mode since JAX 0.8) only on request
 
 The loop keeps `state` in the strategy's placement; `host_state(state)` is what
 evaluation and checkpoints see (the replicas collapsed to one for pmap, the
@@ -91,15 +94,27 @@ class Strategy:
         return self.shardings
 
 
-def make_strategy(mode: str = "none", mesh: str | MeshConfig | None = None, *,
+def resolve_mode(mode: str, batch_size: int | None = None) -> str:
+    """The mode "auto" stands for on this machine (other modes: themselves)."""
+    if mode != "auto":
+        return mode
+    n = jax.device_count()
+    return "shard" if n > 1 and (batch_size is None or batch_size % n == 0) else "none"
+
+
+def make_strategy(mode: str = "auto", mesh: str | MeshConfig | None = None, *,
                   batch_size: int | None = None, config=None, tx=None, task: str | None = None,
                   lr_fn=None) -> Strategy:
     """Validated strategy for `--parallel mode --mesh spec` on this machine's devices;
     with `config` (a TransformerConfig) and `batch_size` they are checked to fit too.
     With `config`, `tx` and `task` too it is bound (`Strategy.bind`): its steps are ready.
-    A shard run without a mesh spreads the batch over all devices (data=N)."""
+    A shard run without a mesh spreads the batch over all devices (data=N); "auto"
+    is resolved first (`resolve_mode`), so `Strategy.mode` is never "auto"."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel={mode!r} is not valid; choose one of {', '.join(PARALLEL_MODES)}")
+    if mode == "auto" and mesh is not None:
+        mode = "shard"   # a mesh spec means sharding
+    mode = resolve_mode(mode, batch_size)
     if mode != "shard":
         if mesh is not None:
             raise ValueError(f"mesh={str(mesh)!r} is only used with parallel='shard', not {mode!r}")

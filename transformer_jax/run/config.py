@@ -112,11 +112,13 @@ class RunConfig:
         type=str, parse=_names)
     # Extra model-config fields, e.g. (("max_len", 512),): Python only.
     overrides: tuple[tuple[str, object], ...] = _setting((), cli=False)
-    # none: one device; pmap: replicas on every local device; shard: jit over a
-    # data x fsdp x tensor mesh (transformer_jax.parallel).
-    parallel: str = _setting("none", "none: one device; pmap: replicate over local devices; "
+    # auto: shard over every device when there are several, else none; none: one
+    # device; pmap: replicas on every local device; shard: jit over a data x fsdp x
+    # tensor mesh (transformer_jax.parallel).
+    parallel: str = _setting("auto", "auto: shard over all devices when there are several, else "
+                             "none; none: one device; pmap: replicate over local devices; "
                              "shard: jit over a device mesh (see --mesh)", choices=PARALLEL_MODES)
-    mesh: str | None = _setting(None, "with --parallel shard: axis sizes, e.g. "
+    mesh: str | None = _setting(None, "with --parallel shard or auto: axis sizes, e.g. "
                                 "data=2,fsdp=2,tensor=2 (product = device count; none: "
                                 "data=<all devices>)", type=str)
 
@@ -166,8 +168,8 @@ class RunConfig:
                "must be > 0")
         _check("parallel", self.parallel in PARALLEL_MODES, self.parallel,
                f"one of {', '.join(PARALLEL_MODES)}")
-        _check("mesh", self.mesh is None or self.parallel == "shard", self.mesh,
-               f"--mesh is only used with --parallel shard (got --parallel {self.parallel})")
+        _check("mesh", self.mesh is None or self.parallel in ("shard", "auto"), self.mesh,
+               f"--mesh is only used with --parallel shard or auto (got --parallel {self.parallel})")
         if self.mesh is not None:
             MeshConfig.parse(self.mesh)   # ValueError naming the bad part
         bad = [k for k in self.allow_change if k not in CHANGEABLE_ON_RESUME]

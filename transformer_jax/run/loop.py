@@ -232,6 +232,9 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
         data.labels.save(out / finetune.LABELS_FILE)
     if data.note and progress:
         print(data.note, flush=True)
+    if progress and run.parallel == "auto" and jax.device_count() > 1:
+        print(f"--parallel {run.parallel}: {strategy.mode} over {jax.device_count()} "
+              "device(s)", flush=True)
     config = model_config(run, tokenizer.vocab_size, base=data.base)
     tx, lr_fn = optimizer(run)
     strategy = strategy.bind(config, tx, task=task, lr_fn=lr_fn)   # shard: state shardings
@@ -246,7 +249,8 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
     peaks = [p for p in [_peak_flops(run)] if p]
     peak = run.peak_tflops * 1e12 if run.peak_tflops else peaks[0]
     summary = {"status": "completed", "diverged_at": None, "run": run.to_dict(),
-               "num_params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
+               "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+               "parallel": {"mode": strategy.mode, "devices": jax.device_count()}}
     with Checkpointer(out / "checkpoints", save_interval_steps=run.save_every,
                       max_to_keep=run.keep) as ckpt, GracefulShutdown() as stop:
         loop.ckpt = ckpt
