@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # computations of this process, or a reference with a tolerance). Child processes
 # (notebook kernels, CLI and multi-device workers) set their own flags.
 # TJ_TEST_FULL_OPT=1 keeps XLA's defaults.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+from xla_flags import FAST_COMPILE  # noqa: E402  (tests/ is on sys.path just above)
 
 
 def _fast_compile_for_this_process() -> None:

@@ -30,12 +30,12 @@ from experiments.ln import analysis, bench, records, verdicts
 from experiments.ln.data import load_task_data
 from experiments.ln.presets import PRESETS, get_preset, model_config
 from experiments.ln.sweep import RunSpec, group_specs, learning_rate, run_group
+from xla_flags import FAST_COMPILE
 
 pytestmark = pytest.mark.slow   # runs the LN experiment's micro preset end to end: deselect with -m 'not slow'
 
 PRESET = get_preset("micro")
 ROOT = Path(__file__).resolve().parents[1]
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _python(args: list[str], xla_flags: str = "") -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+from xla_flags import FAST_COMPILE
 
 # The `notebooks` extra; without it (pip install -e ".[test]" alone) the module skips.
 nbformat = pytest.importorskip("nbformat")
@@ -26,9 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "experiments" / "notebooks"
 NAMES = ("ln_stability_colab.ipynb", "bert_pretraining_colab.ipynb", "gpt_colab.ipynb")
 CELL_TIMEOUT_S = 300
-# Lower XLA:CPU code-generation effort (as tests/test_parallel.py): compiles about
-# twice as fast, same arithmetic, slower code. For compile-bound notebooks only.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# FAST_COMPILE (tests/xla_flags.py) for compile-bound notebooks only.
 
 
 def execute(name: str, overrides: str, cwd: Path, xla_flags: str | None = None):

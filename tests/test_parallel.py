@@ -30,6 +30,7 @@ import pytest
 from transformer_jax import parallel
 from transformer_jax.models import build, get_config
 from transformer_jax.parallel import MeshConfig
+from xla_flags import FAST_COMPILE
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TOL = 1e-5
@@ -37,8 +38,6 @@ MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "tensor=2")
 # The reference reading of the rules: logical name -> mesh axis.
 EXPECTED_AXIS = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "kv": None, "vocab": None,
                  None: None}
-# Lower XLA:CPU code-generation effort: compiles about twice as fast, same arithmetic.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TINY = dict(num_layers=1, d_model=32, num_heads=4, d_ff=64, vocab_size=128, max_len=16,
             dropout=0.0, attention_dropout=0.0)
 
