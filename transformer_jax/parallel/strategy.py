@@ -94,10 +94,13 @@ class Strategy:
         return self.shardings
 
 
-def resolve_mode(mode: str, batch_size: int | None = None) -> str:
-    """The mode "auto" stands for on this machine (other modes: themselves)."""
+def resolve_mode(mode: str, batch_size: int | None = None, mesh=None) -> str:
+    """The mode "auto" stands for on this machine (other modes: themselves); with a
+    mesh spec, "shard"."""
     if mode != "auto":
         return mode
+    if mesh is not None:
+        return "shard"
     n = jax.device_count()
     return "shard" if n > 1 and (batch_size is None or batch_size % n == 0) else "none"
 
@@ -112,9 +115,7 @@ def make_strategy(mode: str = "auto", mesh: str | MeshConfig | None = None, *,
     is resolved first (`resolve_mode`), so `Strategy.mode` is never "auto"."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel={mode!r} is not valid; choose one of {', '.join(PARALLEL_MODES)}")
-    if mode == "auto" and mesh is not None:
-        mode = "shard"   # a mesh spec means sharding
-    mode = resolve_mode(mode, batch_size)
+    mode = resolve_mode(mode, batch_size, mesh)
     if mode != "shard":
         if mesh is not None:
             raise ValueError(f"mesh={str(mesh)!r} is only used with parallel='shard', not {mode!r}")
