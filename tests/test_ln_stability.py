@@ -79,6 +79,8 @@ def test_micro_writes_report_csv_and_plots(micro):
         assert 0 <= float(r["final_val_accuracy"]) <= 1
         if r["task"] == "mlm":   # NSP apart from the MLM loss
             assert 0 < float(r["final_val_nsp_loss"]) < 2
+        # Translation: the final parameters' greedy translations scored (bleu_batches=1).
+        assert (0 <= float(r["bleu"]) <= 100) if r["task"] == "seq2seq" else r["bleu"] == ""
     gn = list(csv.DictReader((micro / "gradnorm.csv").open()))
     g = PRESET.gradnorm
     assert len(gn) == len(g.placements) * len(g.seeds) * 2 * sum(g.depths)  # encoder + decoder
@@ -88,6 +90,7 @@ def test_micro_writes_report_csv_and_plots(micro):
                  "loss_seq2seq"):
         assert (micro / f"{name}.png").stat().st_size > 10_000
         assert f"({name}.png)" in report
+    assert "BLEU: corpus BLEU-4" in report and "| BLEU |" in report
     for line in _lines(micro / "runs.jsonl"):
         run = json.loads(line)
         sweep = next(s for s in PRESET.sweeps if s.task == run["task"])
@@ -258,6 +261,11 @@ def test_bad_names_raise_value_errors():
     with pytest.raises(ValueError, match="batched=False"):
         run_group(None, [RunSpec("lm", "pre", 1e-3, 0, 0)] * 2, PRESET.sweeps[0], {}, {},
                   batched=False)
+    from experiments.ln.presets import Sweep
+    with pytest.raises(ValueError, match=r"bleu_batches=1 .*task='mlm'"):
+        Sweep("mlm", bleu_batches=1)
+    with pytest.raises(ValueError, match=r"bleu_batches=5 must be in \[0, eval_batches=4\]"):
+        Sweep("seq2seq", eval_batches=4, bleu_batches=5)
 
 
 def _run(placement, lr, warmup, seed, curve, escaped=True, diverged_at=None, task="lm"):
@@ -335,6 +343,17 @@ def test_seeds_flag_and_preset_validation(tmp_path, capsys):
     for preset in PRESETS.values():          # every preset's time estimate is computable
         assert bench.estimate(preset)["flops"] > 0
         assert bench.estimate_line(preset).startswith("estimate: ~")
+
+
+@pytest.mark.parametrize("task", ["seq2seq", "mlm"])
+def test_parameter_count_of_the_estimate_is_the_models(task):
+    """bench extrapolates counts in depth from 1- and 2-layer models: against the
+    parameters of the (unscanned) 3-layer model itself."""
+    from transformer_jax.training.metrics import count_params
+    from transformer_jax.training.state import init_params
+    config = model_config(PRESET, task, "sandwich", 3, PRESET.sweeps[0].width)
+    params = jax.eval_shape(lambda k: init_params(config, k)[0], jax.random.key(0))
+    assert bench._num_params(config) == count_params(params, exclude_position=True)
 
 
 def test_sweep_spreads_runs_over_devices_like_one_device(device_runs):

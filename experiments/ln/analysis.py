@@ -86,6 +86,8 @@ def run_record(spec, result, index: int, unigram: float, fingerprint: str) -> di
         "num_spikes": count_spikes(m["loss"], m["grad_norm"], m["finite"]),
         "max_grad_norm": float(np.nanmax(m["grad_norm"])) if np.isfinite(m["grad_norm"]).any()
         else math.nan,
+        # Corpus BLEU of the final parameters' greedy translations (None: not scored).
+        "bleu": round(float(result.final["bleu"][index]), 3) if "bleu" in result.final else None,
         "val_steps": [int(s) for s in result.val_steps],
         "val_loss": val.tolist(),
         # The other validation curves (accuracy; NSP for BERT), e.g. "val_accuracy".

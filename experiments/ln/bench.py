@@ -17,11 +17,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.ln import analysis, records
+from experiments.ln import analysis, bleu, records
 from experiments.ln.data import load_task_data
 from experiments.ln.gradnorm import measure
 from experiments.ln.presets import Preset, Sweep, model_config, sweep_config
-from experiments.ln.sweep import RunSpec, group_specs, run_group
+from experiments.ln.sweep import RunSpec, cached_model, group_specs, run_group
 from transformer_jax.training.metrics import count_params, model_flops_per_token
 
 # Equality of vmapped and one-by-one runs, in loss (the issue's tolerance).
@@ -40,15 +40,27 @@ class Log:
 
 
 @functools.lru_cache(maxsize=256)
-def _num_params(config) -> int:
+def _count(config) -> int:
     """Parameters (position tables excluded), counted on the scanned twin of `config`:
     the same parameters stacked on a layer axis, but tracing one layer instead of
-    all of them (an unscanned 24-24 trace takes seconds, and `estimate` counts every
-    model of every preset)."""
+    all of them (an unscanned 24-24 trace takes seconds)."""
     from transformer_jax.training.state import init_params   # models are heavy; lazy
     scanned = config.replace(scan_layers=True)
     params = jax.eval_shape(lambda k: init_params(scanned, k)[0], jax.random.key(0))
     return count_params(params, exclude_position=True)
+
+
+def _num_params(config) -> int:
+    """`_count(config)`, from two counts shared by every depth: each layer of a stack has
+    the same parameters, so the count is linear in depth, and the 1- and 2-layer models
+    (both stacks at once for an encoder-decoder) give it. `estimate` counts every model
+    of every preset, most of them differing only in depth."""
+    depths = {config.num_layers, getattr(config, "num_decoder_layers", config.num_layers)}
+    if len(depths) > 1:   # stacks of different depths: counted as they are
+        return _count(config)
+    at = lambda n: _count(config.replace(num_layers=n, **(
+        {"num_decoder_layers": n} if hasattr(config, "num_decoder_layers") else {})))
+    return at(1) + (config.num_layers - 1) * (at(2) - at(1))
 
 
 def _flops_per_token(preset, task, placement, layers, width, seq) -> float:
@@ -75,7 +87,7 @@ def estimate(preset: Preset) -> dict:
                                          s.seq_len)
             tokens = s.batch_size * seq * (s.steps + evals * s.eval_batches / 3)
             flops += per_token * tokens * runs / len(s.placements)
-        programs += len(s.placements) + (1 if s.check_runs else 0)
+        programs += len(s.placements) * (2 if s.bleu_batches else 1) + (1 if s.check_runs else 0)
     return {"flops": flops, "programs": programs,
             "seconds": flops / preset.device_flops + programs * preset.compile_s}
 
@@ -142,17 +154,32 @@ def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log:
     valid = data.valid_batches(sweep.eval_batches, sweep.batch_size)
     unigram = analysis.unigram_loss(sweep.task, train, valid, data.vocab_size)
     batched = {}
+    if sweep.bleu_batches and not bleu.available():
+        log(f"sweep {sweep.task}: {bleu.MISSING}")
     for placement in todo:
         record = _recorder(preset, sweep, placement, unigram, out_dir, log)
-        batched.update(_run_placement(preset, sweep, placement, train, valid, log, record))
+        score = _bleu_scorer(preset, sweep, placement, valid, data.vocab)
+        batched.update(_run_placement(preset, sweep, placement, train, valid, log, record,
+                                      score))
     if checks:
         _run_checks(preset, sweep, checks, train, valid, batched, out_dir, log)
 
 
-def _run_placement(preset, sweep, placement, train, valid, log, record=None):
+def _bleu_scorer(preset, sweep, placement, valid, vocab):
+    """params -> {"bleu": [runs]} for a translation sweep with `bleu_batches` (None
+    when it has none, or sacrebleu is missing)."""
+    if not sweep.bleu_batches or not bleu.available():
+        return None
+    model = cached_model(sweep_config(preset, sweep, placement))
+    scorer = bleu.make_scorer(model, valid, sweep.bleu_batches, bos_id=vocab.bos_id,
+                              eos_id=vocab.eos_id, pad_id=vocab.pad_id)
+    return lambda params: {"bleu": scorer(params)}
+
+
+def _run_placement(preset, sweep, placement, train, valid, log, record=None, score=None):
     """The placement's grid as one vmapped program (or several of at most
-    `sweep.max_vmap` runs); `record(specs, result)` after each.
-    -> {run_id: (GroupResult, index in it)}."""
+    `sweep.max_vmap` runs); `record(specs, result)` after each; `score` as in
+    `run_group`. -> {run_id: (GroupResult, index in it)}."""
     specs = group_specs(sweep, placement)
     config = sweep_config(preset, sweep, placement)
     size = sweep.max_vmap or len(specs)
@@ -163,9 +190,10 @@ def _run_placement(preset, sweep, placement, train, valid, log, record=None):
                                               if size < len(specs) else "")
         log(f"sweep {name}: {len(part)} runs x {sweep.steps} steps in one vmapped program")
         progress = lambda i, n: log(f"  {name}: step {i * sweep.steps // n}/{sweep.steps}", True)
-        result = run_group(config, part, sweep, train, valid, progress=progress)
+        result = run_group(config, part, sweep, train, valid, progress=progress, score=score)
         found.update({s.run_id: (result, i) for i, s in enumerate(part)})
-        log(f"sweep {name}: done in {result.wall_s:.1f}s (compile {result.compile_s:.1f}s)")
+        log(f"sweep {name}: done in {result.wall_s:.1f}s (compile {result.compile_s:.1f}s)"
+            + (f"; BLEU of greedy translations in {result.score_s:.1f}s" if result.final else ""))
         if record:
             record(part, result)
     return found
@@ -180,7 +208,7 @@ def _recorder(preset, sweep, placement, unigram, out_dir, log):
         records.append(out_dir, records.GROUPS, [{
             "fingerprint": fp, "task": sweep.task, "placement": placement, "runs": len(specs),
             "steps": sweep.steps, "compile_s": result.compile_s, "run_s": result.run_s,
-            "cpu_s": result.cpu_s}])
+            "cpu_s": result.cpu_s, "score_s": result.score_s}])
         failed = sum(r["diverged"] or not r["escaped_plateau"] for r in rows)
         log(f"  {failed}/{len(rows)} runs diverged or stayed on the unigram plateau")
     return record

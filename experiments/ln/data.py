@@ -14,7 +14,8 @@ import numpy as np
 
 from experiments.ln.presets import TASKS, Preset
 from transformer_jax.data import (BertDataConfig, ExampleDataset, GPTDataConfig,
-                                  TranslationDataConfig, make_datasets, stdlib_corpus)
+                                  TranslationDataConfig, VocabInfo, make_datasets,
+                                  stdlib_corpus)
 
 
 @dataclasses.dataclass
@@ -22,6 +23,7 @@ class TaskData:
     vocab_size: int
     train: ExampleDataset
     valid: ExampleDataset
+    vocab: VocabInfo | None = None   # the tokenizer's special ids (BOS/EOS/pad)
 
     def train_batches(self, seeds, steps: int, batch_size: int) -> dict[str, np.ndarray]:
         """{field: [num_seeds, steps, batch, ...]}: the stream of each data seed."""
@@ -62,7 +64,7 @@ def load_task_data(preset: Preset, task: str, cache_dir: str | os.PathLike,
     tokenizer, train, valid = make_datasets(kind, _corpus(preset.corpus_chars),
                                             _data_config(kind, seq), vocab_size=vocab,
                                             model_vocab_size=vocab, cache_dir=cache_dir)
-    size = tokenizer.vocab_info().size
-    if size > vocab:
-        raise ValueError(f"tokenizer vocabulary {size} exceeds the preset's vocab_size={vocab}")
-    return TaskData(vocab, train, valid)
+    info = tokenizer.vocab_info()
+    if info.size > vocab:
+        raise ValueError(f"tokenizer vocabulary {info.size} exceeds the preset's vocab_size={vocab}")
+    return TaskData(vocab, train, valid, info)

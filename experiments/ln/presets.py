@@ -117,9 +117,17 @@ class Sweep:
     # At most this many runs per vmapped program (None = the whole grid): large
     # models' states do not all fit in one accelerator's memory.
     max_vmap: int | None = None
+    # Translation only: the first `bleu_batches` validation batches are translated
+    # greedily after training and scored with BLEU (`experiments/ln/bleu.py`); 0 = none.
+    bleu_batches: int = 0
 
     def __post_init__(self):
         _check_names("Sweep", self.task, self.placements)
+        if not 0 <= self.bleu_batches <= self.eval_batches or (
+                self.bleu_batches and self.task != "seq2seq"):
+            raise ValueError(f"Sweep.bleu_batches={self.bleu_batches!r} must be in [0, "
+                             f"eval_batches={self.eval_batches}], and 0 unless task is "
+                             f"'seq2seq' (task={self.task!r})")
         if self.check_runs < 0 or (self.max_vmap is not None and self.max_vmap < 1):
             raise ValueError(f"Sweep.check_runs={self.check_runs!r} must be >= 0 and "
                              f"max_vmap={self.max_vmap!r} None or >= 1")
@@ -229,9 +237,9 @@ PRESETS: dict[str, Preset] = {
                eval_every=4, eval_batches=1),
          Sweep("seq2seq", width=_MICRO_WIDTH, placements=("post",), num_layers=1,
                peak_lrs=(1e-3,), warmups=(0, 4), seeds=(0,), steps=8, batch_size=4,
-               eval_every=4, eval_batches=1, decay="rsqrt")),
+               eval_every=4, eval_batches=1, decay="rsqrt", bleu_batches=1)),
         seq_len=16, vocab_size=320, corpus_chars=150_000),
-    # The README's command: 2 CPU cores, offline, <= 10 minutes (see docs/ln_experiment.md
+    # The README's command: 2 CPU cores, offline, 8-12 minutes (see docs/ln_experiment.md
     # for how each grid was found). Translation decides claims 2a/2b, BERT claim 3.
     "quick": Preset(
         "quick",
@@ -239,7 +247,7 @@ PRESETS: dict[str, Preset] = {
         (Sweep("seq2seq", width=Width(d_model=64, num_heads=4, d_ff=128, init="xavier"),
                num_layers=3, peak_lrs=(5e-4, 1e-3), warmups=(0, 30, 120), seeds=(0, 1),
                steps=300, batch_size=32, eval_every=30, eval_batches=4, decay="rsqrt",
-               seq_len=12, check_runs=2),
+               seq_len=12, check_runs=2, bleu_batches=4),
          # BERT's init and b2 0.98 as the other legs; one seed (the cost of a run that
          # leaves the unigram plateau is ~40 CPU-s).
          Sweep("mlm", width=Width(d_model=128, num_heads=2, d_ff=512), num_layers=2,
@@ -255,7 +263,7 @@ PRESETS: dict[str, Preset] = {
         (Sweep("seq2seq", width=_PAPER_MT, num_layers=6, peak_lrs=(5e-4, 1e-3),
                warmups=(0, 100, 400), seeds=(0, 1), steps=1200, batch_size=32,
                eval_every=100, eval_batches=8, decay="rsqrt", seq_len=24, check_runs=1,
-               scan_layers=True),
+               scan_layers=True, bleu_batches=8),
          Sweep("mlm", width=Width(d_model=256, num_heads=4, d_ff=1024), num_layers=12,
                peak_lrs=(5e-4, 1e-3, 2e-3), warmups=(0, 300), seeds=(0,), steps=1200,
                batch_size=32, eval_every=100, eval_batches=8, scan_layers=True),
@@ -273,7 +281,8 @@ PRESETS: dict[str, Preset] = {
                       batch_size=64, batches=32),
         (Sweep("seq2seq", width=_PAPER_MT, num_layers=6, peak_lrs=(5e-4, 1e-3),
                warmups=(0, 500, 4000), seeds=(0, 1, 2), steps=50_000, batch_size=128,
-               eval_every=1000, eval_batches=20, decay="rsqrt", seq_len=64, max_vmap=6),
+               eval_every=1000, eval_batches=20, decay="rsqrt", seq_len=64, max_vmap=6,
+               bleu_batches=20),
          Sweep("mlm", **_PAPER_SWEEP), Sweep("lm", **_PAPER_SWEEP)),
         seq_len=128, vocab_size=30522, corpus_chars=None,
         device="one H100", device_flops=100e12, compile_s=60.0),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.ln import plots, records, verdicts
+from experiments.ln import bleu, plots, records, verdicts
 from experiments.ln.analysis import PLATEAU_MARGIN, SPIKE_NATS, SPIKE_WINDOW, steps_to_target
 from experiments.ln.bench import CHECK_TOLERANCE
 from experiments.ln.presets import Preset
@@ -20,7 +20,7 @@ from experiments.ln.verdicts import TASK_NAMES
 
 SUMMARY_FIELDS = ("run_id", "task", "placement", "peak_lr", "warmup", "seed", "steps",
                   "initial_val_loss", "final_val_loss", "best_val_loss", "unigram_loss",
-                  "final_val_accuracy", "final_val_nsp_loss", "final_val_nsp_accuracy",
+                  "final_val_accuracy", "final_val_nsp_loss", "final_val_nsp_accuracy", "bleu",
                   "escaped_plateau", "diverged", "diverged_at", "diverge_reason", "num_spikes",
                   "nonfinite_steps", "max_grad_norm", "target_loss", "steps_to_target")
 
@@ -91,6 +91,10 @@ def _finals(c: list[dict], key: str) -> list:
     return [r[key][-1] for r in c if r.get(key)]
 
 
+def _bleus(c: list[dict]) -> list[float]:
+    return [r["bleu"] for r in c if r.get("bleu") is not None]
+
+
 def sweep_table(runs: list[dict], task: str) -> str:
     """Rows (placement, warm-up), columns peak lr: final val loss (+ accuracy) and failures."""
     t_runs = [r for r in runs if r["task"] == task]
@@ -103,7 +107,8 @@ def sweep_table(runs: list[dict], task: str) -> str:
             c = verdicts.cell(t_runs, task, placement, lr, wu)
             fails = sum(map(verdicts.failed, c))
             acc = verdicts.fmt(_finals(c, "val_accuracy"), 2)
-            row.append(f"{verdicts.fmt([r['final_val_loss'] for r in c])}, acc {acc} "
+            score = f", BLEU {verdicts.fmt(_bleus(c), 2)}" if _bleus(c) else ""
+            row.append(f"{verdicts.fmt([r['final_val_loss'] for r in c])}, acc {acc}{score} "
                        f"({fails}/{len(c)} failed)")
         body.append(row)
     return _table(["placement", "warm-up"] + [f"lr {lr:g}" for lr in lrs], body)
@@ -115,6 +120,7 @@ def best_table(runs: list[dict], task: str) -> str:
     info = verdicts.speed(runs, task)[2]
     target = info.get("target")
     warm = sorted({r["warmup"] for r in t_runs if r["warmup"]})
+    scored = bool(_bleus(t_runs))
     body = []
     for placement in dict.fromkeys(r["placement"] for r in t_runs):
         for label, warmups in (("any", None), ("none", [0]), ("with warm-up", warm)):
@@ -124,10 +130,12 @@ def best_table(runs: list[dict], task: str) -> str:
             steps = verdicts.steps_to(c, target) if target is not None else None
             body.append([placement, label, f"lr {key[0]:g}, warm-up {key[1]}",
                          verdicts.fmt([r["final_val_loss"] for r in c]),
-                         verdicts.fmt(_finals(c, "val_accuracy"), 2),
-                         "n/a" if target is None else (steps if steps is not None else "never"),
-                         sum(map(verdicts.failed, c))])
+                         verdicts.fmt(_finals(c, "val_accuracy"), 2)]
+                        + ([verdicts.fmt(_bleus(c), 2)] if scored else [])
+                        + ["n/a" if target is None else (steps if steps is not None else "never"),
+                           sum(map(verdicts.failed, c))])
     header = ["placement", "warm-up allowed", "best setting", "final val loss", "accuracy",
+              *(["BLEU"] if scored else []),
               "steps to target" + (f" {target:.3f}" if target is not None else ""), "failed"]
     return _table(header, body)
 
@@ -249,6 +257,17 @@ def _settings(preset: Preset) -> list[str]:
     return lines
 
 
+def _bleu_note(sweep, runs) -> list[str]:
+    if not sweep.bleu_batches:
+        return []
+    if not _bleus([r for r in runs if r["task"] == sweep.task]):
+        return [f"{bleu.MISSING}.", ""]
+    return [f"BLEU: corpus BLEU-4 (sacrebleu, `tokenize=\"none\"`, on target token ids) of the "
+            f"final parameters' greedy translations of the first "
+            f"{sweep.bleu_batches * sweep.batch_size} validation sentences, one reference each "
+            "(`experiments/ln/bleu.py`).", ""]
+
+
 def _task_sections(preset: Preset, results: Results) -> list[str]:
     out = []
     for sweep in preset.sweeps:
@@ -258,7 +277,9 @@ def _task_sections(preset: Preset, results: Results) -> list[str]:
         unigram = next(r["unigram_loss"] for r in runs if r["task"] == task)
         metric = "MLM loss" if task == "mlm" else "loss"
         out += [f"## {TASK_NAMES[task]} (`{task}`)", "",
-                f"Unigram baseline of the validation {metric}: {unigram:.3f}.", "",
+                f"Unigram baseline of the validation {metric}: {unigram:.3f}.", ""]
+        out += _bleu_note(sweep, runs)
+        out += [
                 "Each placement at its best setting; *steps to target*: the first evaluation "
                 "at which the setting's seed-mean validation curve reaches post-LN-with-warm-up's "
                 "best final loss:", "", best_table(runs, task), "",

@@ -142,6 +142,10 @@ class GroupResult:
     compile_s: float     # wall seconds: init + lowering + XLA compilation + first validation
     run_s: float         # wall seconds of the training chunks
     cpu_s: float         # process CPU seconds of both (all threads): load-independent
+                         # (scoring excluded)
+    # Per-run scores of the final parameters (`score` of run_group), e.g. {"bleu": [R]}.
+    final: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    score_s: float = 0.0  # wall seconds of that scoring (compilation included)
 
     @property
     def val_loss(self) -> np.ndarray:
@@ -184,10 +188,11 @@ def _spread(state, hp, train, valid, devices):
 
 
 def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: dict, *,
-              batched: bool = True, progress=None, devices=None) -> GroupResult:
+              batched: bool = True, progress=None, devices=None, score=None) -> GroupResult:
     """Train `specs` (one task and placement) together (batched) or as one run
     (batched=False, len(specs) == 1). `progress(i, n)` is called after each chunk.
-    A batched group is spread over `devices` (default: every local device)."""
+    A batched group is spread over `devices` (default: every local device).
+    `score(params)` (batched only): the runs' final parameters, stacked -> {name: [runs]}."""
     if not batched and len(specs) != 1:
         raise ValueError(f"batched=False runs exactly one spec, got {len(specs)}")
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -223,7 +228,11 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
         evals.append(jax.device_get(val))
         if progress:
             progress(i + 1, n)
-    run_s = time.perf_counter() - t0
+    run_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    t0 = time.perf_counter()
+    final = {k: np.asarray(v)[:len(specs)] for k, v in score(state.params).items()} \
+        if score and batched else {}
+    score_s = time.perf_counter() - t0
     axis = 1 if batched else 0
     metrics = {k: np.concatenate([c[k] for c in chunks], axis) for k in chunks[0]}
     val = {k: np.stack([np.asarray(e[k]) for e in evals], -1) for k in evals[0]}
@@ -234,5 +243,4 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
         metrics = {k: v[None] for k, v in metrics.items()}
         val = {k: v[None] for k, v in val.items()}
     val_steps = np.arange(n + 1) * sweep.eval_every
-    return GroupResult(specs, metrics, val_steps, val, compile_s, run_s,
-                       time.process_time() - cpu0)
+    return GroupResult(specs, metrics, val_steps, val, compile_s, run_s, cpu_s, final, score_s)

@@ -176,7 +176,9 @@ def describe(cell_runs: list[dict]) -> str:
         text += f" (steps {', '.join(str(r['diverged_at']) for r in div)})"
     if stuck:
         text += f", stayed on the unigram plateau {stuck}/{n}"
-    return text + f", final val loss {fmt([r['final_val_loss'] for r in cell_runs])}"
+    text += f", final val loss {fmt([r['final_val_loss'] for r in cell_runs])}"
+    scores = [r["bleu"] for r in cell_runs if r.get("bleu") is not None]
+    return text + (f", BLEU {fmt(scores)}" if scores else "")
 
 
 def _name(task, placement, key) -> str:
