@@ -7,7 +7,7 @@ library's cached decoder, `models.generate_seq2seq`, vmapped over the runs), and
 sacrebleu scores that corpus against its one reference per source: corpus BLEU-4
 with the brevity penalty (Papineni et al. 2002), on the target token ids
 (`tokenize="none"`: a token of the synthetic language is one of its words).
-Decoding stops at EOS or after the reference's maximum length + 1 tokens.
+Decoding stops at EOS or after as many tokens as the longest target (EOS included).
 """
 from __future__ import annotations
 
