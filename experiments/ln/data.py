@@ -23,7 +23,7 @@ class TaskData:
     vocab_size: int
     train: ExampleDataset
     valid: ExampleDataset
-    vocab: VocabInfo | None = None   # the tokenizer's special ids (BOS/EOS/pad)
+    vocab: VocabInfo   # the tokenizer's special ids (BOS/EOS/pad)
 
     def train_batches(self, seeds, steps: int, batch_size: int) -> dict[str, np.ndarray]:
         """{field: [num_seeds, steps, batch, ...]}: the stream of each data seed."""

@@ -91,10 +91,6 @@ def _finals(c: list[dict], key: str) -> list:
     return [r[key][-1] for r in c if r.get(key)]
 
 
-def _bleus(c: list[dict]) -> list[float]:
-    return [r["bleu"] for r in c if r.get("bleu") is not None]
-
-
 def sweep_table(runs: list[dict], task: str) -> str:
     """Rows (placement, warm-up), columns peak lr: final val loss (+ accuracy) and failures."""
     t_runs = [r for r in runs if r["task"] == task]
@@ -107,7 +103,7 @@ def sweep_table(runs: list[dict], task: str) -> str:
             c = verdicts.cell(t_runs, task, placement, lr, wu)
             fails = sum(map(verdicts.failed, c))
             acc = verdicts.fmt(_finals(c, "val_accuracy"), 2)
-            score = f", BLEU {verdicts.fmt(_bleus(c), 2)}" if _bleus(c) else ""
+            score = f", BLEU {verdicts.fmt(verdicts.bleus(c), 2)}" if verdicts.bleus(c) else ""
             row.append(f"{verdicts.fmt([r['final_val_loss'] for r in c])}, acc {acc}{score} "
                        f"({fails}/{len(c)} failed)")
         body.append(row)
@@ -120,7 +116,7 @@ def best_table(runs: list[dict], task: str) -> str:
     info = verdicts.speed(runs, task)[2]
     target = info.get("target")
     warm = sorted({r["warmup"] for r in t_runs if r["warmup"]})
-    scored = bool(_bleus(t_runs))
+    scored = bool(verdicts.bleus(t_runs))
     body = []
     for placement in dict.fromkeys(r["placement"] for r in t_runs):
         for label, warmups in (("any", None), ("none", [0]), ("with warm-up", warm)):
@@ -131,7 +127,7 @@ def best_table(runs: list[dict], task: str) -> str:
             body.append([placement, label, f"lr {key[0]:g}, warm-up {key[1]}",
                          verdicts.fmt([r["final_val_loss"] for r in c]),
                          verdicts.fmt(_finals(c, "val_accuracy"), 2)]
-                        + ([verdicts.fmt(_bleus(c), 2)] if scored else [])
+                        + ([verdicts.fmt(verdicts.bleus(c), 2)] if scored else [])
                         + ["n/a" if target is None else (steps if steps is not None else "never"),
                            sum(map(verdicts.failed, c))])
     header = ["placement", "warm-up allowed", "best setting", "final val loss", "accuracy",
@@ -260,7 +256,7 @@ def _settings(preset: Preset) -> list[str]:
 def _bleu_note(sweep, runs) -> list[str]:
     if not sweep.bleu_batches:
         return []
-    if not _bleus([r for r in runs if r["task"] == sweep.task]):
+    if not verdicts.bleus([r for r in runs if r["task"] == sweep.task]):
         return [f"{bleu.MISSING}.", ""]
     return [f"BLEU: corpus BLEU-4 (sacrebleu, `tokenize=\"none\"`, on target token ids) of the "
             f"final parameters' greedy translations of the first "

@@ -165,6 +165,11 @@ def steps_to(c: list[dict], target: float) -> int | None:
     return int(steps[hit[0]]) if hit.size else None
 
 
+def bleus(runs: list[dict]) -> list[float]:
+    """The runs' BLEU scores, where they were scored (translation)."""
+    return [r["bleu"] for r in runs if r.get("bleu") is not None]
+
+
 def describe(cell_runs: list[dict]) -> str:
     """'diverged 2/3 (steps 41, 57), plateau 1/3, final val loss 5.1 ± 0.1'."""
     if not cell_runs:
@@ -177,7 +182,7 @@ def describe(cell_runs: list[dict]) -> str:
     if stuck:
         text += f", stayed on the unigram plateau {stuck}/{n}"
     text += f", final val loss {fmt([r['final_val_loss'] for r in cell_runs])}"
-    scores = [r["bleu"] for r in cell_runs if r.get("bleu") is not None]
+    scores = bleus(cell_runs)
     return text + (f", BLEU {fmt(scores)}" if scores else "")
 
 
