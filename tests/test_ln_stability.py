@@ -104,8 +104,9 @@ def test_rerun_skips_recorded_work(micro):
 
 
 # Three runs of the micro lm grid (lr 1e-3 without warm-up, seeds 0 and 1; lr 1e-2
-# with warm-up 4), trained vmapped over 2 devices (padded to 4 runs), vmapped on one
-# device, and runs 0 and 2 one by one; their loss curves as JSON.
+# with warm-up 4), trained vmapped over 2 devices (padded to 4 runs) with runs 2 and 0
+# shadowed (re-synchronised one by one), vmapped on one device, and runs 0 and 2 one
+# by one; their loss curves as JSON.
 DEVICE_RUNS = r"""
 import json, sys, jax
 from experiments.ln.data import load_task_data
@@ -121,11 +122,13 @@ grid = group_specs(sweep, "post")
 specs = [grid[0], grid[1], grid[-1]]
 assert len(jax.local_devices()) == 2
 curves = lambda r: {"train": r.metrics["loss"].tolist(), "valid": r.val_loss.tolist()}
-spread = run_group(config, specs, sweep, train, valid)
+spread = run_group(config, specs, sweep, train, valid, shadow=[2, 0])
 alone = run_group(config, specs, sweep, train, valid, devices=jax.local_devices()[:1])
 single = [run_group(config, [specs[i]], sweep, train, valid, batched=False) for i in (0, 2)]
 print(json.dumps({"runs": [s.run_id for s in specs], "spread": curves(spread),
-                  "alone": curves(alone), "single": [curves(r) for r in single]}))
+                  "alone": curves(alone), "single": [curves(r) for r in single],
+                  "shadows": [{"index": h.index, "train": h.train_loss.tolist(),
+                               "valid": h.val_loss.tolist()} for h in spread.shadows]}))
 """
 
 
@@ -150,6 +153,21 @@ def test_vmapped_runs_equal_one_by_one(micro, device_runs):
     assert len(batched["train"][0]) == PRESET.sweeps[0].steps
     # The comparison can fail: another seed's run is not within the tolerance.
     assert np.abs(batched["train"][0] - batched["train"][1]).max() > 1e-4
+
+
+def test_shadowed_runs_follow_their_own_vmapped_run(device_runs):
+    """`run_group(shadow=...)`, what the benchmark's check uses: each shadow is the
+    unbatched program re-synchronised at every chunk to its own run of the group
+    spread over 2 devices, in the order asked for; another run's curve is far off."""
+    spread = {k: np.asarray(v) for k, v in device_runs["spread"].items()}
+    shadows = device_runs["shadows"]
+    assert [h["index"] for h in shadows] == [2, 0]
+    for h in shadows:
+        train, valid, i = np.asarray(h["train"]), np.asarray(h["valid"]), h["index"]
+        assert train.shape == spread["train"][i].shape and valid.shape == spread["valid"][i].shape
+        np.testing.assert_allclose(train, spread["train"][i], atol=1e-4)
+        np.testing.assert_allclose(valid, spread["valid"][i], atol=1e-4)
+        assert np.abs(train - spread["train"][2 - i]).max() > 1e-2
 
 
 def test_learning_rate_is_the_library_schedule_in_closed_form():
@@ -261,6 +279,10 @@ def test_bad_names_raise_value_errors():
     with pytest.raises(ValueError, match="batched=False"):
         run_group(None, [RunSpec("lm", "pre", 1e-3, 0, 0)] * 2, PRESET.sweeps[0], {}, {},
                   batched=False)
+    with pytest.raises(ValueError, match=r"shadow=\[1\] needs batched=True and indices in "
+                                          r"\[0, 1\)"):
+        run_group(None, [RunSpec("lm", "pre", 1e-3, 0, 0)], PRESET.sweeps[0], {}, {},
+                  shadow=[1])
     from experiments.ln.presets import Sweep
     with pytest.raises(ValueError, match=r"bleu_batches=1 .*task='mlm'"):
         Sweep("mlm", bleu_batches=1)

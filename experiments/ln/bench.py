@@ -2,7 +2,8 @@
 
     gradnorm study   per (placement, depth): all seeds in one program   -> gradnorm.jsonl
     sweep            per (task, placement): one vmapped program       -> runs.jsonl, groups.jsonl
-    check            a few runs again one by one, same seeds            -> checks.jsonl
+    check            a few runs again one by one, each chunk from the   -> checks.jsonl
+                     vmapped state (during the first placement's group)
 
 Work whose records (with the current settings' fingerprint) are already in the
 results directory is skipped.
@@ -26,6 +27,8 @@ from transformer_jax.training.metrics import count_params, model_flops_per_token
 
 # Equality of vmapped and one-by-one runs, in loss (the issue's tolerance).
 CHECK_TOLERANCE = 1e-4
+# Records of other check methods (free-running copies, before) are not reused.
+CHECK_METHOD = "resynced"
 
 
 class Log:
@@ -129,9 +132,7 @@ def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> No
 
 def _check_specs(sweep: Sweep) -> list[RunSpec]:
     """Runs redone one by one: the lowest learning rate of the first placement, with
-    seeds and warm-ups taken in turn. At high learning rates training is chaotic:
-    rounding differences of 1 ulp between the two programs (XLA fuses them
-    differently) grow into visible loss differences, whatever the implementation."""
+    seeds and warm-ups taken in turn."""
     lr, seeds, warmups = min(sweep.peak_lrs), sweep.seeds, sweep.warmups
     pairs = [(seeds[i % len(seeds)], warmups[(i + i // len(seeds)) % len(warmups)])
              for i in range(len(seeds) * len(warmups) ** 2)]
@@ -142,7 +143,8 @@ def _check_specs(sweep: Sweep) -> list[RunSpec]:
 def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log: Log) -> None:
     fp = preset.fingerprint(sweep)
     done_runs = {r["run_id"] for r in records.read(out_dir, records.RUNS, [fp])}
-    done_checks = {r["run_id"] for r in records.read(out_dir, records.CHECKS, [fp])}
+    done_checks = {r["run_id"] for r in records.read(out_dir, records.CHECKS, [fp])
+                   if r.get("method") == CHECK_METHOD}
     todo = [p for p in sweep.placements
             if not {s.run_id for s in group_specs(sweep, p)} <= done_runs]
     checks = [s for s in _check_specs(sweep) if s.run_id not in done_checks]
@@ -153,16 +155,17 @@ def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log:
     train = data.train_batches(sweep.seeds, sweep.steps, sweep.batch_size)
     valid = data.valid_batches(sweep.eval_batches, sweep.batch_size)
     unigram = analysis.unigram_loss(sweep.task, train, valid, data.vocab_size)
-    batched = {}
     if sweep.bleu_batches and not bleu.available():
         log(f"sweep {sweep.task}: {bleu.MISSING}")
+    check = _check_recorder(preset, sweep, checks, out_dir, log)
     for placement in todo:
         record = _recorder(preset, sweep, placement, unigram, out_dir, log)
         score = _bleu_scorer(preset, sweep, placement, valid, data.vocab)
-        batched.update(_run_placement(preset, sweep, placement, train, valid, log, record,
-                                      score))
-    if checks:
-        _run_checks(preset, sweep, checks, train, valid, batched, out_dir, log)
+        _run_placement(preset, sweep, placement, train, valid, log, record, score, check)
+    if checks and checks[0].placement not in todo:
+        # Resumed after the group was recorded: redo it (unrecorded) for the check.
+        log(f"check: the vmapped runs of {sweep.task}/{checks[0].placement} again")
+        _run_placement(preset, sweep, checks[0].placement, train, valid, log, check=check)
 
 
 def _bleu_scorer(preset, sweep, placement, valid, vocab):
@@ -176,27 +179,34 @@ def _bleu_scorer(preset, sweep, placement, valid, vocab):
     return lambda params: {"bleu": scorer(params)}
 
 
-def _run_placement(preset, sweep, placement, train, valid, log, record=None, score=None):
+def _run_placement(preset, sweep, placement, train, valid, log, record=None, score=None,
+                   check=None):
     """The placement's grid as one vmapped program (or several of at most
     `sweep.max_vmap` runs); `record(specs, result)` after each; `score` as in
-    `run_group`. -> {run_id: (GroupResult, index in it)}."""
+    `run_group`; the runs named by `check.run_ids` shadowed one by one, then
+    `check(specs, result)`."""
     specs = group_specs(sweep, placement)
     config = sweep_config(preset, sweep, placement)
     size = sweep.max_vmap or len(specs)
-    found = {}
+    ids = check.run_ids if check else set()
     for start in range(0, len(specs), size):
         part = specs[start:start + size]
         name = f"{sweep.task}/{placement}" + (f" [{start + 1}-{start + len(part)}]"
                                               if size < len(specs) else "")
         log(f"sweep {name}: {len(part)} runs x {sweep.steps} steps in one vmapped program")
         progress = lambda i, n: log(f"  {name}: step {i * sweep.steps // n}/{sweep.steps}", True)
-        result = run_group(config, part, sweep, train, valid, progress=progress, score=score)
-        found.update({s.run_id: (result, i) for i, s in enumerate(part)})
+        shadow = [i for i, s in enumerate(part) if s.run_id in ids]
+        result = run_group(config, part, sweep, train, valid, progress=progress, score=score,
+                           shadow=shadow)
         log(f"sweep {name}: done in {result.wall_s:.1f}s (compile {result.compile_s:.1f}s)"
-            + (f"; BLEU of greedy translations in {result.score_s:.1f}s" if result.final else ""))
+            + (f"; BLEU of greedy translations in {result.score_s:.1f}s" if result.final else "")
+            + (f"; {len(shadow)} runs checked one by one in "
+               f"{sum(s.run_s for s in result.shadows) + result.shadows[0].compile_s:.1f}s"
+               if shadow else ""))
         if record:
             record(part, result)
-    return found
+        if shadow:
+            check(part, result)
 
 
 def _recorder(preset, sweep, placement, unigram, out_dir, log):
@@ -214,27 +224,30 @@ def _recorder(preset, sweep, placement, unigram, out_dir, log):
     return record
 
 
-def _run_checks(preset, sweep, checks, train, valid, batched, out_dir, log):
-    """Re-run `checks` one by one (reusing one compiled unbatched program) and compare
-    with the vmapped runs' curves (`batched`: run_id -> (GroupResult, index))."""
-    fp, placement = preset.fingerprint(sweep), checks[0].placement
-    config = sweep_config(preset, sweep, placement)
-    if any(s.run_id not in batched for s in checks):
-        # Resumed after the group was recorded: redo it (quietly) for the comparison.
-        log(f"check: the vmapped runs of {sweep.task}/{placement} again, for the comparison")
-        batched = _run_placement(preset, sweep, placement, train, valid, log)
-    for spec in checks:
-        single = run_group(config, [spec], sweep, train, valid, batched=False)
-        batched_result, i = batched[spec.run_id]
-        d_train = float(np.nanmax(np.abs(single.metrics["loss"][0]
-                                         - batched_result.metrics["loss"][i])))
-        d_val = float(np.nanmax(np.abs(single.val_loss[0] - batched_result.val_loss[i])))
-        records.append(out_dir, records.CHECKS, [{
-            "fingerprint": fp, "run_id": spec.run_id, "max_abs_diff_train_loss": d_train,
-            "max_abs_diff_val_loss": d_val, "passed": max(d_train, d_val) <= CHECK_TOLERANCE,
-            "compile_s": single.compile_s, "run_s": single.run_s, "cpu_s": single.cpu_s,
-            "group_runs": len(batched_result.specs),
-            "group_compile_s": batched_result.compile_s,
-            "group_run_s": batched_result.run_s, "group_cpu_s": batched_result.cpu_s}])
-        log(f"check {spec.run_id}: one-by-one vs vmapped max |d loss| = "
-            f"{max(d_train, d_val):.2e} ({single.wall_s:.1f}s alone)")
+def _check_recorder(preset, sweep, checks: list[RunSpec], out_dir, log):
+    """`check(specs, result)`: the records of `result.shadows` (runs of `checks`), one
+    by one vs vmapped, to CHECKS; `check.run_ids`: the runs to shadow. None if none."""
+    if not checks:
+        return None
+    fp = preset.fingerprint(sweep)
+
+    def check(specs, result):
+        for shadow in result.shadows:
+            spec = specs[shadow.index]
+            d_train = float(np.nanmax(np.abs(shadow.train_loss
+                                             - result.metrics["loss"][shadow.index])))
+            d_val = float(np.nanmax(np.abs(shadow.val_loss - result.val_loss[shadow.index])))
+            records.append(out_dir, records.CHECKS, [{
+                "fingerprint": fp, "method": CHECK_METHOD, "run_id": spec.run_id,
+                "resync_every": sweep.eval_every,
+                "max_abs_diff_train_loss": d_train, "max_abs_diff_val_loss": d_val,
+                "passed": max(d_train, d_val) <= CHECK_TOLERANCE,
+                "compile_s": shadow.compile_s, "compile_cpu_s": shadow.compile_cpu_s,
+                "run_s": shadow.run_s, "cpu_s": shadow.cpu_s, "group_runs": len(specs),
+                "group_compile_s": result.compile_s, "group_run_s": result.run_s,
+                "group_cpu_s": result.cpu_s}])
+            log(f"check {spec.run_id}: one by one (re-synchronised every {sweep.eval_every} "
+                f"steps) vs vmapped: max |d loss| = {max(d_train, d_val):.2e}")
+
+    check.run_ids = {s.run_id for s in checks}
+    return check

@@ -6,7 +6,11 @@ learning rate, the warm-up length and the data-seed index), so they are stacked
 on a leading axis and stepped together. The learning rate is set inside the step
 from those per-run arrays through `optax.inject_hyperparams`, so no schedule is
 baked into the compiled program. The same un-vmapped function, jitted once, runs
-a single run: the equality check and the speed-up baseline.
+a single run: the equality check and the speed-up baseline. The check
+(`shadow=`) steps chosen runs of a group again with the unbatched program, each
+chunk from the vmapped run's own state at the chunk's start: training is chaotic,
+so two free-running copies drift apart from their first 1-ulp difference, while
+re-synchronised chunks compare what the two programs compute.
 
     train step     `transformer_jax.training.train_step` (skips non-finite updates)
     chunk          lax.scan of `eval_every` steps, then one validation pass
@@ -146,6 +150,7 @@ class GroupResult:
     # Per-run scores of the final parameters (`score` of run_group), e.g. {"bleu": [R]}.
     final: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     score_s: float = 0.0  # wall seconds of that scoring (compilation included)
+    shadows: list = dataclasses.field(default_factory=list)   # [Shadow], `shadow=` runs
 
     @property
     def val_loss(self) -> np.ndarray:
@@ -161,6 +166,82 @@ def _hparams(specs: list[RunSpec], sweep: Sweep) -> dict:
     return {"peak_lr": np.array([s.peak_lr for s in specs], np.float32),
             "warmup": np.array([s.warmup for s in specs], np.float32),
             "data": np.array([seed_index[s.seed] for s in specs], np.int32)}
+
+
+@dataclasses.dataclass
+class Shadow:
+    """Run `index` of a batched group, stepped again by the unbatched program: its
+    initial validation from the shared initial state, then every chunk from the
+    vmapped run's state at the chunk's start. Curves as GroupResult's, for this run."""
+    index: int
+    train_loss: np.ndarray   # [steps]
+    val_loss: np.ndarray     # [evals], the initial one first
+    compile_s: float         # wall seconds: compiling the unbatched program, first validation
+    compile_cpu_s: float     # process CPU seconds of that (shared by the group's shadows)
+    run_s: float             # wall seconds of this run's chunks
+    cpu_s: float             # process CPU seconds of those
+
+
+@jax.jit
+def _index(tree, index):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), tree)
+
+
+def _take(tree, index: int, device):
+    """Run `index` of a stacked (possibly sharded) pytree, as arrays on `device`: one
+    compiled program for every leaf (indexing leaf by leaf costs an eager op each)."""
+    return jax.block_until_ready(jax.device_put(_index(tree, index), device))
+
+
+class _Shadows:
+    """The unbatched program following runs `indices` of a batched group chunk by chunk.
+    Its time (compiling, copying states, its chunks) is kept apart from the group's;
+    `wall` / `cpu`: all of it, for the group to subtract."""
+
+    def __init__(self, config, sweep, indices, train, valid, state, hp, device):
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        self.indices, self.device = list(indices), device
+        self.train, self.valid = jax.device_put(train, device), jax.device_put(valid, device)
+        chunk_fn, valid_fn = _programs(sweep, False)
+        first = {j: (_take(state, j, device), _take(hp, j, device)) for j in self.indices}
+        key = (config, sweep, None, (device,))
+        if key not in _COMPILED:
+            s0, h0 = first[self.indices[0]]
+            _COMPILED[key] = chunk_fn.lower(s0, h0, self.train, self.valid, 0).compile()
+        self.chunk_fn = _COMPILED[key]
+        self.val = {j: [float(valid_fn(s, self.valid)["loss"])] for j, (s, _) in first.items()}
+        self.loss = {j: [] for j in self.indices}
+        self.compile_s, self.compile_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+        self.run_s = dict.fromkeys(self.indices, 0.0)     # per run: its chunks alone
+        self.cpu_s = dict.fromkeys(self.indices, 0.0)
+        self.wall, self.cpu = 0.0, self.compile_cpu_s     # all of it after the compilation
+
+    def _timed(self, fn, *args):
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        self.wall, self.cpu = self.wall + wall, self.cpu + cpu
+        return out, wall, cpu
+
+    def starts(self, state, hp) -> dict:
+        """The followed runs' states before a chunk (copies: `state` is donated to it).
+        Copying is the check's cost, not a run's: it is in neither run_s nor cpu_s."""
+        take = lambda: {j: (_take(state, j, self.device), _take(hp, j, self.device))
+                        for j in self.indices}
+        return self._timed(take)[0]
+
+    def step(self, starts: dict, start: int) -> None:
+        for j, (s, h) in starts.items():
+            run = lambda: jax.device_get(self.chunk_fn(s, h, self.train, self.valid, start)[1:])
+            (metrics, val), wall, cpu = self._timed(run)
+            self.loss[j].append(np.asarray(metrics["loss"]))
+            self.val[j].append(float(val["loss"]))
+            self.run_s[j] += wall
+            self.cpu_s[j] += cpu
+
+    def results(self) -> list[Shadow]:
+        return [Shadow(j, np.concatenate(self.loss[j]), np.asarray(self.val[j]), self.compile_s,
+                       self.compile_cpu_s, self.run_s[j], self.cpu_s[j]) for j in self.indices]
 
 
 _COMPILED: dict = {}   # (config, sweep, number of runs or None) -> compiled chunk
@@ -188,13 +269,19 @@ def _spread(state, hp, train, valid, devices):
 
 
 def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: dict, *,
-              batched: bool = True, progress=None, devices=None, score=None) -> GroupResult:
+              batched: bool = True, progress=None, devices=None, score=None,
+              shadow=()) -> GroupResult:
     """Train `specs` (one task and placement) together (batched) or as one run
     (batched=False, len(specs) == 1). `progress(i, n)` is called after each chunk.
     A batched group is spread over `devices` (default: every local device).
-    `score(params)` (batched only): the runs' final parameters, stacked -> {name: [runs]}."""
+    `score(params)` (batched only): the runs' final parameters, stacked -> {name: [runs]}.
+    `shadow` (batched only): indices of runs also stepped by the unbatched program,
+    each chunk from the vmapped state (`Shadow`); their time is not the group's."""
     if not batched and len(specs) != 1:
         raise ValueError(f"batched=False runs exactly one spec, got {len(specs)}")
+    if shadow and (not batched or not all(0 <= j < len(specs) for j in shadow)):
+        raise ValueError(f"shadow={list(shadow)} needs batched=True and indices in "
+                         f"[0, {len(specs)})")
     t0, cpu0 = time.perf_counter(), time.process_time()
     task, tx = specs[0].task, make_tx(sweep)
     devices = list(devices or jax.local_devices()) if batched else []
@@ -209,6 +296,7 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
         state = jax.tree.map(lambda *xs: jnp.stack(xs), *[inits[s.seed] for s in runs])
     else:
         state, hp = inits[specs[0].seed], jax.tree.map(lambda x: x[0], hp)
+    host_data = train, valid
     if len(devices) > 1:
         state, hp, train, valid = _spread(state, hp, train, valid, devices)
     else:
@@ -220,15 +308,22 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
     chunk_fn = _COMPILED[key]
     valid0 = jax.device_get(valid_fn(state, valid))
     compile_s = time.perf_counter() - t0
+    shadows = _Shadows(config, sweep, shadow, *host_data, state, hp,
+                       (devices or jax.local_devices())[0]) if shadow else None
     t0, chunks, evals = time.perf_counter(), [], [valid0]
     n = sweep.steps // sweep.eval_every
     for i in range(n):
+        starts = shadows.starts(state, hp) if shadows else {}   # before `state` is donated
         state, metrics, val = chunk_fn(state, hp, train, valid, i * sweep.eval_every)
         chunks.append(jax.device_get(metrics))
         evals.append(jax.device_get(val))
+        if shadows:
+            shadows.step(starts, i * sweep.eval_every)
         if progress:
             progress(i + 1, n)
     run_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    if shadows:   # the shadows' time is theirs, not the group's
+        run_s, cpu_s = run_s - shadows.wall, cpu_s - shadows.cpu
     t0 = time.perf_counter()
     final = {k: np.asarray(v)[:len(specs)] for k, v in score(state.params).items()} \
         if score and batched else {}
@@ -243,4 +338,5 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
         metrics = {k: v[None] for k, v in metrics.items()}
         val = {k: v[None] for k, v in val.items()}
     val_steps = np.arange(n + 1) * sweep.eval_every
-    return GroupResult(specs, metrics, val_steps, val, compile_s, run_s, cpu_s, final, score_s)
+    return GroupResult(specs, metrics, val_steps, val, compile_s, run_s, cpu_s, final, score_s,
+                       shadows.results() if shadows else [])
