@@ -31,6 +31,12 @@ CHECK_TOLERANCE = 1e-4
 CHECK_METHOD = "resynced"
 
 
+def read_checks(out_dir: Path, fingerprints) -> list[dict]:
+    """The check records of these settings made by the current CHECK_METHOD."""
+    return [r for r in records.read(out_dir, records.CHECKS, fingerprints)
+            if r.get("method") == CHECK_METHOD]
+
+
 class Log:
     """Progress lines with the elapsed time; `quiet` keeps only the section lines."""
 
@@ -143,8 +149,7 @@ def _check_specs(sweep: Sweep) -> list[RunSpec]:
 def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log: Log) -> None:
     fp = preset.fingerprint(sweep)
     done_runs = {r["run_id"] for r in records.read(out_dir, records.RUNS, [fp])}
-    done_checks = {r["run_id"] for r in records.read(out_dir, records.CHECKS, [fp])
-                   if r.get("method") == CHECK_METHOD}
+    done_checks = {r["run_id"] for r in read_checks(out_dir, [fp])}
     todo = [p for p in sweep.placements
             if not {s.run_id for s in group_specs(sweep, p)} <= done_runs]
     checks = [s for s in _check_specs(sweep) if s.run_id not in done_checks]

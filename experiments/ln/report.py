@@ -14,7 +14,7 @@ import numpy as np
 
 from experiments.ln import bleu, plots, records, verdicts
 from experiments.ln.analysis import PLATEAU_MARGIN, SPIKE_NATS, SPIKE_WINDOW, steps_to_target
-from experiments.ln.bench import CHECK_METHOD, CHECK_TOLERANCE
+from experiments.ln.bench import CHECK_TOLERANCE, read_checks
 from experiments.ln.presets import Preset
 from experiments.ln.verdicts import TASK_NAMES
 
@@ -38,8 +38,7 @@ def load(preset: Preset, out: Path) -> Results:
     return Results(records.read(out, records.GRADNORM, [preset.fingerprint(preset.gradnorm)]),
                    records.read(out, records.RUNS, sweep_fps),
                    records.read(out, records.GROUPS, sweep_fps),
-                   [c for c in records.read(out, records.CHECKS, sweep_fps)
-                    if c.get("method") == CHECK_METHOD])
+                   read_checks(out, sweep_fps))
 
 
 def _targets(runs: list[dict]) -> dict[str, float]:

@@ -204,11 +204,9 @@ class _Shadows:
         self.train, self.valid = jax.device_put(train, device), jax.device_put(valid, device)
         chunk_fn, valid_fn = _programs(sweep, False)
         first = {j: (_take(state, j, device), _take(hp, j, device)) for j in self.indices}
-        key = (config, sweep, None, (device,))
-        if key not in _COMPILED:
-            s0, h0 = first[self.indices[0]]
-            _COMPILED[key] = chunk_fn.lower(s0, h0, self.train, self.valid, 0).compile()
-        self.chunk_fn = _COMPILED[key]
+        s0, h0 = first[self.indices[0]]
+        self.chunk_fn = _compiled((config, sweep, None, (device,)), chunk_fn, s0, h0,
+                                  self.train, self.valid, 0)
         self.val = {j: [float(valid_fn(s, self.valid)["loss"])] for j, (s, _) in first.items()}
         self.loss = {j: [] for j in self.indices}
         self.compile_s, self.compile_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
@@ -244,7 +242,14 @@ class _Shadows:
                        self.compile_cpu_s, self.run_s[j], self.cpu_s[j]) for j in self.indices]
 
 
-_COMPILED: dict = {}   # (config, sweep, number of runs or None) -> compiled chunk
+_COMPILED: dict = {}   # (config, sweep, number of runs or None, devices) -> compiled chunk
+
+
+def _compiled(key, fn, *args):
+    """`fn` compiled for `args`, once per `key`, reused by later calls."""
+    if key not in _COMPILED:
+        _COMPILED[key] = fn.lower(*args).compile()
+    return _COMPILED[key]
 
 
 @functools.lru_cache(maxsize=8)
@@ -302,10 +307,8 @@ def run_group(config, specs: list[RunSpec], sweep: Sweep, train: dict, valid: di
     else:
         train, valid = jax.device_put(train), jax.device_put(valid)
     chunk_fn, valid_fn = _programs(sweep, batched)
-    key = (config, sweep, len(runs) if batched else None, tuple(devices))
-    if key not in _COMPILED:   # one compilation per program, reused by later calls
-        _COMPILED[key] = chunk_fn.lower(state, hp, train, valid, 0).compile()
-    chunk_fn = _COMPILED[key]
+    chunk_fn = _compiled((config, sweep, len(runs) if batched else None, tuple(devices)),
+                         chunk_fn, state, hp, train, valid, 0)
     valid0 = jax.device_get(valid_fn(state, valid))
     compile_s = time.perf_counter() - t0
     shadows = _Shadows(config, sweep, shadow, *host_data, state, hp,
