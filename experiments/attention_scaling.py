@@ -35,6 +35,7 @@ import numpy as np
 from transformer_jax.attention import registry
 from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.attention.variants.performer import orthogonal_random_features
+from transformer_jax.run.files import check_output_dir
 from transformer_jax.training.metrics import program_bytes
 
 HEADS, HEAD_DIM = 8, 64
@@ -318,6 +319,10 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, TPU)")
     p.add_argument("--from-csv", default=None, help="redraw table.md and scaling.png from a CSV")
     args = p.parse_args(argv)
+    try:
+        check_output_dir(args.out)
+    except ValueError as e:
+        p.error(str(e))
     if args.from_csv:
         rows = read_csv(args.from_csv)
         write_markdown(rows, os.path.join(args.out, "table.md"), rows[0]["dtype"])

@@ -39,6 +39,7 @@ from flax import traverse_util
 
 from experiments import trace_summary
 from transformer_jax.models import build, get_config
+from transformer_jax.run.files import check_output_dir
 from transformer_jax.stacks import stack_layers
 from transformer_jax.training import (count_params, create_train_state, get_task, init_params,
                                       make_optimizer, make_train_step, measure_matmul_peak,
@@ -374,7 +375,13 @@ def _print_table(rows, results, ceiling: float) -> None:
 
 
 def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.profile:   # checked before minutes of measuring, not after
+        try:
+            check_output_dir(args.profile, "--profile")
+        except ValueError as e:
+            parser.error(str(e))
     cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
     rows = _rows(args, dtype)

@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 
 from transformer_jax.data import stdlib_corpus
+from transformer_jax.run.files import check_output_dir
 
 SEED = 0
 # package -> (index of its first document in the snapshot, its module files in
@@ -220,6 +221,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/finetune_data", help="output directory")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
+    try:
+        check_output_dir(args.out)
+    except ValueError as e:
+        parser.error(str(e))
     write_all(args.out, args.seed)
 
 

@@ -43,6 +43,7 @@ import jax  # noqa: E402  (after _cpu_devices)
 
 from experiments.ln import bench, report
 from experiments.ln.presets import PRESETS, get_preset
+from transformer_jax.run.files import check_output_dir
 
 # Fresh runs go to runs/ (ignored by git); experiments/results/<preset> holds the
 # committed reference output, which a run with `--out` there would only re-report.
@@ -60,7 +61,7 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
@@ -75,11 +76,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="only section-level progress lines")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild report, CSVs and plots from the records; run nothing")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+def _directory(parser, flag: str, path: Path, create: bool) -> None:
+    """`path` is usable as the directory `flag` names (made if `create`), or the
+    command stops with a usage error that says why (exit status 2, no traceback)."""
+    try:
+        check_output_dir(path, flag)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
+        parser.error(str(e) if isinstance(e, ValueError) else
+                     f"{flag} {str(path)!r}: cannot create the directory ({e.strerror})")
+
+
+def _has_records(preset, out: Path) -> bool:
+    results = report.load(preset, out)
+    return bool(results.gradnorm or results.runs)
 
 
 def main(argv=None) -> Path:
-    args = parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     preset = get_preset(args.preset)
     name = preset.name
     if args.seeds is not None:
@@ -87,7 +110,15 @@ def main(argv=None) -> Path:
         name += "-seeds-" + "-".join(map(str, args.seeds))
     out = args.out or DEFAULT_OUT / name
     cache = args.cache_dir or out / ".cache"
-    out.mkdir(parents=True, exist_ok=True)
+    _directory(parser, "--out", out, create=not args.report_only)
+    _directory(parser, "--cache-dir", cache, create=False)
+    if args.report_only and not _has_records(preset, out):
+        committed = Path(__file__).parent / "results" / name
+        parser.error(f"--report-only: no records of preset {name!r} (its current settings) in "
+                     f"{str(out)!r}; run without --report-only first, or give --out a results "
+                     f"directory of this preset" + (
+                         f" (the committed one: experiments/results/{name})"
+                         if committed.is_dir() else ""))
     log = bench.Log(args.quiet)
     start, cpu0 = time.perf_counter(), _cpu_s()
     if not args.report_only:

@@ -378,9 +378,8 @@ def test_help_shows_defaults(capsys):
 
 def test_unwritable_out_and_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     """(Root ignores permissions, so the check is driven through os.access.)"""
-    from transformer_jax.run import commands
-    from transformer_jax.run import loop as runner
-    monkeypatch.setattr(runner.os, "access", lambda path, mode: False)
+    from transformer_jax.run import commands, files
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)
     assert main(["train", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"--out '{tmp_path / 'run'}' cannot be written: no write permission on '{tmp_path}'" in err
@@ -431,3 +430,22 @@ def test_generate_on_a_seq2seq_run_greedy_equals_a_full_forward_argmax_and_beams
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert main(["generate", "--model", str(out), "--beam-size", "0"]) == 2
     assert "--beam-size 0 is not valid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, flag", [("finetune_data", "--out"), ("attention_scaling", "--out"),
+                                          ("ln_stability", "--out"), ("bench_throughput", "--profile")])
+def test_experiment_commands_refuse_an_unusable_out(module, flag, tmp_path, capsys):
+    """The experiment scripts check their output directory as `train` does
+    (run.files.check_output_dir), before any work: a file, or a path under one, is a
+    usage error naming the flag; nothing is written."""
+    import importlib
+    main_of = importlib.import_module(f"experiments.{module}").main
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, expect in ((afile, f"{flag} '{afile}' is a file"),
+                        (afile / "sub", f"'{afile}' is a file; choose another {flag}")):
+        with pytest.raises(SystemExit) as exit_info:
+            main_of([f"{flag}={out}"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expect in err and "Traceback" not in err, err
+    assert afile.read_text() == "x" and sorted(tmp_path.iterdir()) == [afile]

@@ -1,14 +1,18 @@
 """Every ```python block in README.md and docs/*.md runs, so the docs cannot rot.
 
 Blocks run in a fresh subprocess each (as a reader would paste them), from a
-temporary directory. A block whose first line is `# doc: skip` is not run
+temporary directory, with XLA:CPU's lower code-generation effort (FAST_COMPILE,
+tests/xla_flags.py: the same programs, compiled faster; the blocks are
+compile-bound). A block whose first line is `# doc: skip` is not run
 (used only for commands that need a GPU or the network)."""
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from xla_flags import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -32,9 +36,9 @@ def test_doc_block_runs(code, tmp_path):
     for pattern, module in EXTRAS.items():
         if re.search(pattern, code, re.M):
             pytest.importorskip(module)
-    env_path = str(ROOT)
+    flags = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), FAST_COMPILE)))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600,
-                            env={**__import__("os").environ, "PYTHONPATH": env_path,
-                                 "JAX_PLATFORMS": "cpu"})
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+                                 "XLA_FLAGS": flags})
     assert result.returncode == 0, result.stderr[-3000:]

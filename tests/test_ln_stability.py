@@ -367,6 +367,30 @@ def test_seeds_flag_and_preset_validation(tmp_path, capsys):
         assert bench.estimate_line(preset).startswith("estimate: ~")
 
 
+def test_bad_directories_and_an_empty_report_only_are_usage_errors(micro, tmp_path, capsys):
+    """--out / --cache-dir naming a file, and --report-only where this preset has no
+    records, stop with a usage error naming the flag and the path; nothing is written
+    and the records already there are kept."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    cases = [(["--out", str(a_file)], "--out"),
+             (["--out", str(a_file / "sub")], "--out"),
+             (["--out", str(micro), "--cache-dir", str(a_file), "--report-only"], "--cache-dir"),
+             (["--out", str(tmp_path / "empty"), "--report-only"], "--report-only: no records"),
+             # records of another preset are not this one's
+             (["--out", str(micro), "--report-only", "--preset", "quick"],
+              "--report-only: no records of preset 'quick'")]
+    before = {p.name: p.read_bytes() for p in micro.iterdir() if p.is_file()}
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            ln_stability.main(["--preset", "micro", "--quiet", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert a_file.read_text() == "keep me" and not (tmp_path / "empty").exists()
+    assert {p.name: p.read_bytes() for p in micro.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("task", ["seq2seq", "mlm"])
 def test_parameter_count_of_the_estimate_is_the_models(task):
     """bench extrapolates counts in depth from 1- and 2-layer models: against the

@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "experiments" / "notebooks"
 NAMES = ("ln_stability_colab.ipynb", "bert_pretraining_colab.ipynb", "gpt_colab.ipynb")
 CELL_TIMEOUT_S = 300
-# FAST_COMPILE (tests/xla_flags.py) for compile-bound notebooks only.
 
 
-def execute(name: str, overrides: str, cwd: Path, xla_flags: str | None = None):
-    """The executed notebook, with `overrides` run right after the parameters cell."""
+def execute(name: str, overrides: str, cwd: Path):
+    """The executed notebook, with `overrides` run right after the parameters cell; the
+    kernel compiles with FAST_COMPILE (tests/xla_flags.py): at the tiny sizes every
+    notebook is compile-bound."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{name}: expected one cell tagged 'parameters', found {len(tagged)}"
@@ -39,8 +40,7 @@ def execute(name: str, overrides: str, cwd: Path, xla_flags: str | None = None):
         overrides, metadata={"tags": ["injected-parameters"]}))
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
-    if xla_flags:
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
+    env["XLA_FLAGS"] = " ".join(filter(None, (env.get("XLA_FLAGS"), FAST_COMPILE)))
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)   # raises CellExecutionError, naming the cell, on any error
@@ -88,8 +88,7 @@ def test_committed_notebook_is_clean(name):
 
 def test_ln_stability_notebook(tmp_path):
     # Seven small programs compiled, each run for a few steps: compilation dominates.
-    nb = execute("ln_stability_colab.ipynb", 'SIZE = "tiny"\nOUT = "ln_results"', tmp_path,
-                 xla_flags=FAST_COMPILE)
+    nb = execute("ln_stability_colab.ipynb", 'SIZE = "tiny"\nOUT = "ln_results"', tmp_path)
     text, md = text_of(nb), markdown_of(nb)
     assert "backend: cpu" in text and "spread over 1 local device(s)" in text
     images = [o["data"]["image/png"] for o in _outputs(nb) if "image/png" in o.get("data", {})]

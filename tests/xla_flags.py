@@ -2,6 +2,11 @@
 
 FAST_COMPILE lowers XLA:CPU's code-generation effort: the same HLO programs (every
 XLA pass that decides the arithmetic still runs), compiled by LLVM with less
-optimisation, so tiny programs compile much faster and run somewhat slower.
+optimisation, so tiny programs compile much faster and run somewhat slower. The
+suite's processes and the children it starts (doc blocks, notebook kernels, CLI and
+multi-device workers) use it; TJ_TEST_FULL_OPT=1 makes it empty (XLA's defaults).
 """
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+import os
+
+FAST_COMPILE = "" if os.environ.get("TJ_TEST_FULL_OPT") else \
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

@@ -1,5 +1,6 @@
 """The files of a run directory besides the checkpoints: strict-JSON metrics and
-summary, and their truncation on resume (the loss plot is `run/plots.py`).
+summary, and their truncation on resume (the loss plot is `run/plots.py`); checks of
+the paths a command is given (an output directory, a file of inputs).
 
 JSON has no NaN or Infinity (RFC 8259, sec. 6); Python's `json` writes them anyway,
 and `jq` and strict parsers then reject the whole file. A non-finite value is
@@ -89,3 +90,22 @@ def input_lines(path, flag: str = "--input-file") -> list[str]:
     if not lines:
         raise ValueError(f"{flag} {str(path)!r} has no non-blank line")
     return lines
+
+
+def check_output_dir(path, flag: str = "--out") -> Path:
+    """`path` as a directory a command can create and write into (nothing is created
+    here); ValueError naming `flag` and the path if it is a file, lies under a file, or
+    its nearest existing directory is not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file, not a directory; choose another {flag}")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file; "
+                         f"choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r} cannot be written: no write permission on "
+                         f"{str(parent)!r}; choose another {flag}")
+    return path

@@ -10,7 +10,6 @@ A run directory holds
 """
 from __future__ import annotations
 
-import os
 import time
 import types
 from pathlib import Path
@@ -31,7 +30,7 @@ from transformer_jax.training.step import mean_metrics
 from transformer_jax.training.tasks import get_task
 from transformer_jax.run import finetune
 from transformer_jax.run.config import RunConfig
-from transformer_jax.run.files import MetricsLog, write_summary
+from transformer_jax.run.files import MetricsLog, check_output_dir, write_summary
 from transformer_jax.run.plots import plot_losses
 
 
@@ -57,17 +56,7 @@ def model_config(run: RunConfig, vocab_size: int, base=None):
 def check_out_dir(run: RunConfig) -> Path:
     """The run directory, checked (nothing is written): it can be created, and a fresh
     run does not mix its files with an earlier run's, nor a resume lack a checkpoint."""
-    out = Path(run.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file, not a directory; choose another --out")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {str(out)!r} cannot be written: no write permission on "
-                         f"{str(parent)!r}; choose another --out")
+    out = check_output_dir(run.out_dir)
     ckpt = out / "checkpoints"
     has_ckpt = ckpt.is_dir() and any(ckpt.iterdir())
     if run.resume and not has_ckpt:
