@@ -41,7 +41,7 @@ if __name__ == "__main__":   # the command, not an import (JAX may be running al
 
 import jax  # noqa: E402  (after _cpu_devices)
 
-from experiments.ln import bench, report
+from experiments.ln import bench, records, report
 from experiments.ln.presets import PRESETS, get_preset
 from transformer_jax.run.files import check_output_dir
 
@@ -114,11 +114,13 @@ def main(argv=None) -> Path:
     _directory(parser, "--cache-dir", cache, create=False)
     if args.report_only and not _has_records(preset, out):
         committed = Path(__file__).parent / "results" / name
+        other = any((out / f).exists() for f in (records.RUNS, records.GRADNORM))
         parser.error(f"--report-only: no records of preset {name!r} (its current settings) in "
-                     f"{str(out)!r}; run without --report-only first, or give --out a results "
-                     f"directory of this preset" + (
-                         f" (the committed one: experiments/results/{name})"
-                         if committed.is_dir() else ""))
+                     f"{str(out)!r}" + (" (those there are of other settings: another preset, "
+                                        "--seeds or version)" if other else "") +
+                     "; run without --report-only first, or give --out a results directory "
+                     "of this preset" + (f" (the committed one: experiments/results/{name})"
+                                         if committed.is_dir() else ""))
     log = bench.Log(args.quiet)
     start, cpu0 = time.perf_counter(), _cpu_s()
     if not args.report_only:

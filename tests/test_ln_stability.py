@@ -379,7 +379,8 @@ def test_bad_directories_and_an_empty_report_only_are_usage_errors(micro, tmp_pa
              (["--out", str(tmp_path / "empty"), "--report-only"], "--report-only: no records"),
              # records of another preset are not this one's
              (["--out", str(micro), "--report-only", "--preset", "quick"],
-              "--report-only: no records of preset 'quick'")]
+              "--report-only: no records of preset 'quick' (its current settings) in "
+              f"'{micro}' (those there are of other settings")]
     before = {p.name: p.read_bytes() for p in micro.iterdir() if p.is_file()}
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
