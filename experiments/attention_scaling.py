@@ -319,10 +319,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, TPU)")
     p.add_argument("--from-csv", default=None, help="redraw table.md and scaling.png from a CSV")
     args = p.parse_args(argv)
-    try:
-        check_output_dir(args.out)
-    except ValueError as e:
-        p.error(str(e))
+    check_output_dir(args.out, parser=p)
     if args.from_csv:
         rows = read_csv(args.from_csv)
         write_markdown(rows, os.path.join(args.out, "table.md"), rows[0]["dtype"])

@@ -378,10 +378,7 @@ def main(argv=None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.profile:   # checked before minutes of measuring, not after
-        try:
-            check_output_dir(args.profile, "--profile")
-        except ValueError as e:
-            parser.error(str(e))
+        check_output_dir(args.profile, "--profile", parser)
     cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
     rows = _rows(args, dtype)

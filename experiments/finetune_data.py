@@ -221,10 +221,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/finetune_data", help="output directory")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
-    try:
-        check_output_dir(args.out)
-    except ValueError as e:
-        parser.error(str(e))
+    check_output_dir(args.out, parser=parser)
     write_all(args.out, args.seed)
 
 

@@ -79,20 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    return _parser().parse_args(argv)
-
-
 def _directory(parser, flag: str, path: Path, create: bool) -> None:
     """`path` is usable as the directory `flag` names (made if `create`), or the
     command stops with a usage error that says why (exit status 2, no traceback)."""
-    try:
-        check_output_dir(path, flag)
-        if create:
+    check_output_dir(path, flag, parser)
+    if create:
+        try:
             path.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as e:
-        parser.error(str(e) if isinstance(e, ValueError) else
-                     f"{flag} {str(path)!r}: cannot create the directory ({e.strerror})")
+        except OSError as e:
+            parser.error(f"{flag} {str(path)!r}: cannot create the directory ({e.strerror})")
 
 
 def _has_records(preset, out: Path) -> bool:

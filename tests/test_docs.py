@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from xla_flags import FAST_COMPILE
+from xla_flags import child_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -36,9 +36,8 @@ def test_doc_block_runs(code, tmp_path):
     for pattern, module in EXTRAS.items():
         if re.search(pattern, code, re.M):
             pytest.importorskip(module)
-    flags = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), FAST_COMPILE)))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-                                 "XLA_FLAGS": flags})
+                                 "XLA_FLAGS": child_xla_flags()})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -30,7 +30,7 @@ from experiments.ln import analysis, bench, records, verdicts
 from experiments.ln.data import load_task_data
 from experiments.ln.presets import PRESETS, get_preset, model_config
 from experiments.ln.sweep import RunSpec, group_specs, learning_rate, run_group
-from xla_flags import FAST_COMPILE
+from xla_flags import child_xla_flags
 
 pytestmark = pytest.mark.slow   # runs the LN experiment's micro preset end to end: deselect with -m 'not slow'
 
@@ -41,8 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _python(args: list[str], xla_flags: str = "") -> subprocess.CompletedProcess:
     """`python args` on the CPU with FAST_COMPILE (+ `xla_flags`), the repository first
     on the path; fails the test with the process's stderr."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(filter(None, (
-        os.environ.get("XLA_FLAGS"), FAST_COMPILE, xla_flags)))}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": child_xla_flags(xla_flags)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))
     result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                             timeout=900, cwd=ROOT)

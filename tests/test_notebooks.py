@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
-from xla_flags import FAST_COMPILE
+from xla_flags import child_xla_flags
 
 # The `notebooks` extra; without it (pip install -e ".[test]" alone) the module skips.
 nbformat = pytest.importorskip("nbformat")
@@ -40,7 +40,7 @@ def execute(name: str, overrides: str, cwd: Path):
         overrides, metadata={"tags": ["injected-parameters"]}))
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
-    env["XLA_FLAGS"] = " ".join(filter(None, (env.get("XLA_FLAGS"), FAST_COMPILE)))
+    env["XLA_FLAGS"] = child_xla_flags()
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)   # raises CellExecutionError, naming the cell, on any error

@@ -10,3 +10,8 @@ import os
 
 FAST_COMPILE = "" if os.environ.get("TJ_TEST_FULL_OPT") else \
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def child_xla_flags(*extra: str) -> str:
+    """XLA_FLAGS for a child process: this environment's, FAST_COMPILE, then `extra`."""
+    return " ".join(filter(None, (os.environ.get("XLA_FLAGS"), FAST_COMPILE, *extra)))

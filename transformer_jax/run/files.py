@@ -92,20 +92,30 @@ def input_lines(path, flag: str = "--input-file") -> list[str]:
     return lines
 
 
-def check_output_dir(path, flag: str = "--out") -> Path:
+def check_output_dir(path, flag: str = "--out", parser=None) -> Path:
     """`path` as a directory a command can create and write into (nothing is created
-    here); ValueError naming `flag` and the path if it is a file, lies under a file, or
-    its nearest existing directory is not writable."""
+    here). If it is a file, lies under a file, or its nearest existing directory is not
+    writable: ValueError naming `flag` and the path, or, given an argparse `parser`,
+    that message as its usage error (exit status 2)."""
     path = Path(path)
+    problem = _output_dir_problem(path, flag)
+    if problem and parser is not None:
+        parser.error(problem)
+    if problem:
+        raise ValueError(problem)
+    return path
+
+
+def _output_dir_problem(path: Path, flag: str) -> str | None:
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a file, not a directory; choose another {flag}")
+        return f"{flag} {str(path)!r} is a file, not a directory; choose another {flag}"
     parent = path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file; "
-                         f"choose another {flag}")
+        return (f"{flag} {str(path)!r} cannot be created: {str(parent)!r} is a file; "
+                f"choose another {flag}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {str(path)!r} cannot be written: no write permission on "
-                         f"{str(parent)!r}; choose another {flag}")
-    return path
+        return (f"{flag} {str(path)!r} cannot be written: no write permission on "
+                f"{str(parent)!r}; choose another {flag}")
+    return None
