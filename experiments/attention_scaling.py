@@ -304,7 +304,10 @@ def read_csv(path) -> list[dict]:
     return rows
 
 
-def main(argv=None):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-len", type=int, default=None, help="default 16384 (--tpu: 32768)")
     p.add_argument("--min-len", type=int, default=None, help="default 512 (--tpu: 1024)")
@@ -312,31 +315,86 @@ def main(argv=None):
                    help=f"TPU mode: kinds {','.join(TPU_KINDS)}, bfloat16 on a TPU; elsewhere "
                         "splash runs in Pallas interpret mode (a slow functional check)")
     p.add_argument("--out", default="experiments/results/attention_scaling")
-    p.add_argument("--kinds", default=None, help="comma-separated variant names")
+    p.add_argument("--kinds", default=None,
+                   help=f"comma-separated variant names, from {','.join(KINDS + EXTRA_KINDS)}")
     p.add_argument("--modes", default=None,
                    help="comma-separated: bidirectional,causal (default both; --tpu: bidirectional)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing passes (best kept)")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, TPU)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="compute dtype (default: bfloat16 on GPU, TPU; else float32)")
     p.add_argument("--from-csv", default=None, help="redraw table.md and scaling.png from a CSV")
+    return p
+
+
+def _names(p, flag: str, text: str, valid: tuple) -> list[str]:
+    """The comma-separated names of `flag`, each one of `valid` (else a usage error)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        p.error(f"{flag} {text!r}: each must be one of {', '.join(valid)}")
+    return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every one checked before anything is compiled or read: the defaults
+    filled in (--kinds, --modes, --min-len, --max-len; --dtype from the backend) and
+    `ns`, the lengths measured. A bad value is a usage error (one line, exit 2)."""
+    p = _parser()
     args = p.parse_args(argv)
     check_output_dir(args.out, parser=p)
+    if args.from_csv is not None:
+        args.rows = _csv_rows(p, args.from_csv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be a positive integer (timing passes)")
+    for flag, value in (("--min-len", args.min_len), ("--max-len", args.max_len)):
+        if value is not None and value < 1:
+            p.error(f"{flag} {value}: must be a positive integer (a sequence length)")
+    args.min_len = args.min_len or (1024 if args.tpu else 512)
+    args.max_len = args.max_len or (32768 if args.tpu else 16384)
+    if args.min_len > args.max_len:
+        p.error(f"--min-len {args.min_len} is above --max-len {args.max_len}; give "
+                "--min-len <= --max-len")
+    args.ns = [n for n in (2 ** i for i in range(30)) if args.min_len <= n <= args.max_len]
+    if not args.ns:   # the lengths measured are powers of two
+        p.error(f"--min-len {args.min_len} --max-len {args.max_len}: no power of two lies "
+                "between them; widen the range (e.g. --min-len 512 --max-len 4096)")
+    gpu = jax.default_backend() == "gpu"
+    args.kinds = _names(p, "--kinds", args.kinds or ",".join(TPU_KINDS if args.tpu else KINDS),
+                        KINDS + EXTRA_KINDS) + (["cudnn"] if gpu and not args.tpu else [])
+    modes = _names(p, "--modes", args.modes or ("bidirectional" if args.tpu else ",".join(MODES)),
+                   MODES)
+    args.causals = [mode == "causal" for mode in MODES if mode in modes]
+    config = bench_config(args.max_len)
+    if not any(supports(k, config, c) for k in args.kinds for c in args.causals):
+        p.error(f"--kinds {','.join(args.kinds)} --modes {','.join(modes)}: no kind runs in these "
+                "modes here (e.g. linformer is bidirectional only)")
+    return args
+
+
+def _csv_rows(p, path: str) -> list[dict]:
+    """The rows of --from-csv, or a usage error saying why they cannot be redrawn."""
+    if not os.path.isfile(path):
+        p.error(f"--from-csv {path!r} is not a file")
+    try:
+        rows = read_csv(path)
+    except (OSError, UnicodeDecodeError, KeyError, ValueError, TypeError) as e:
+        p.error(f"--from-csv {path!r} is not a results.csv of this script ({type(e).__name__}: {e})")
+    if not rows:
+        p.error(f"--from-csv {path!r} holds no rows")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.from_csv:
-        rows = read_csv(args.from_csv)
-        write_markdown(rows, os.path.join(args.out, "table.md"), rows[0]["dtype"])
-        plot(rows, os.path.join(args.out, "scaling.png"), rows[0]["dtype"])
+        os.makedirs(args.out, exist_ok=True)
+        write_markdown(args.rows, os.path.join(args.out, "table.md"), args.rows[0]["dtype"])
+        plot(args.rows, os.path.join(args.out, "scaling.png"), args.rows[0]["dtype"])
         return
     gpu, tpu = jax.default_backend() == "gpu", jax.default_backend() == "tpu"
     dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu or tpu else "float32"))
-    kinds = (args.kinds or ",".join(TPU_KINDS if args.tpu else KINDS)).split(",")
-    kinds += ["cudnn"] if gpu and not args.tpu else []
-    args.min_len = args.min_len or (1024 if args.tpu else 512)
-    args.max_len = args.max_len or (32768 if args.tpu else 16384)
-    ns = [n for n in (2 ** i for i in range(30)) if args.min_len <= n <= args.max_len]
+    kinds, ns, causals = args.kinds, args.ns, args.causals
     config = bench_config(args.max_len)
-    modes = (args.modes or ("bidirectional" if args.tpu else ",".join(MODES))).split(",")
-    if set(modes) - set(MODES):
-        p.error(f"--modes {args.modes!r}: each must be one of {', '.join(MODES)}")
-    causals = [mode == "causal" for mode in MODES if mode in modes]
     os.makedirs(args.out, exist_ok=True)
     cases = []
     for n in ns:

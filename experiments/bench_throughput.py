@@ -26,6 +26,7 @@ at the predicted positions, so its FLOPs are counted only there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import time
@@ -38,7 +39,7 @@ import optax
 from flax import traverse_util
 
 from experiments import trace_summary
-from transformer_jax.models import build, get_config
+from transformer_jax.models import PRESETS, build, get_config
 from transformer_jax.run.files import check_output_dir
 from transformer_jax.stacks import stack_layers
 from transformer_jax.training import (count_params, create_train_state, get_task, init_params,
@@ -250,10 +251,20 @@ def _parse_fields(item: str) -> dict:
     fields = {}
     for kv in item.split(","):
         key, sep, value = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"{item!r}: expected field=value[,field=value] or 'plain'")
+        if not sep or not key:
+            raise ValueError("expected field=value[,field=value] or 'plain'")
         fields[key] = _value(value)
     return fields
+
+
+def _check_names(config, fields: dict) -> None:
+    """ValueError naming a field that is not the config's, before `config.replace`
+    fails on it with a TypeError (`_apply` has taken donate and xla_* out)."""
+    known = sorted(f.name for f in dataclasses.fields(config))
+    unknown = [k for k in fields if k not in known]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a field of {type(config).__name__}; valid: "
+                         f"{', '.join(known)}, donate, or an xla_* compiler option")
 
 
 def _apply(config, fields: dict):
@@ -267,6 +278,7 @@ def _apply(config, fields: dict):
         fields["attention"] = {"kind": fields["attention"]}
     if "loss_chunk" in fields and not hasattr(config, "loss_chunk"):
         fields.pop("loss_chunk")   # only GPT computes its loss in chunks
+    _check_names(config, fields)
     return config.replace(**fields), donate, options
 
 
@@ -280,10 +292,12 @@ def rows_of(base, base_fields: dict, args) -> list[tuple]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gpt2-small")
+    p.add_argument("--preset", default="gpt2-small", choices=PRESETS, metavar="PRESET",
+                   help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--attention", default="auto")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--matmul-size", type=int, default=None)
@@ -308,6 +322,33 @@ def _rows(args, dtype: str) -> list[tuple]:
     for item in args.set:
         base_fields.update(_parse_fields(item))
     return rows_of(preset, base_fields, args)
+
+
+def _checked_rows(parser, args, dtype: str) -> list[tuple]:
+    """`_rows`, each flag checked before anything is compiled or measured: a bad one
+    is a usage error naming the flag and its value (one line, exit status 2)."""
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq), ("--steps", args.steps),
+                        ("--matmul-size", args.matmul_size)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value}: must be a positive integer")
+    try:
+        get_config(args.preset, attention={"kind": args.attention})
+    except ValueError as e:
+        parser.error(f"--attention {args.attention!r}: {e}")
+    # Each --set and --compare alone, so that the error names the one at fault.
+    for flag, item, given in ([("--set", i, dict(vars(args), set=[i], compare=[])) for i in args.set]
+                              + [("--compare", i, dict(vars(args), compare=[i]))
+                                 for i in args.compare]):
+        try:
+            _rows(argparse.Namespace(**given), dtype)
+        except (TypeError, ValueError) as e:
+            parser.error(f"{flag} {item!r}: {e}")
+    rows = _rows(args, dtype)
+    for name, config, *_ in rows:
+        if args.seq > config.max_len:
+            parser.error(f"--seq {args.seq}: row {name!r} has max_len={config.max_len} positions; "
+                         f"give --seq <= {config.max_len} (or --set max_len=N)")
+    return rows
 
 
 def _print_costs(args, rows, task: str, dtype: str) -> None:
@@ -381,7 +422,7 @@ def main(argv=None) -> None:
         check_output_dir(args.profile, "--profile", parser)
     cpu = jax.default_backend() == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
-    rows = _rows(args, dtype)
+    rows = _checked_rows(parser, args, dtype)
     _, base, base_donate, base_options = rows[0]
     task = task_for_config(base)
     if args.cost_only:

@@ -137,3 +137,23 @@ def test_cudnn_refuses_with_reason():
 def test_unknown_kernel_name():
     with pytest.raises(ValueError, match="valid:.*xla"):
         registry.get("flashy")
+
+
+def test_masks_of_every_key_only_rank_and_a_float_mask():
+    """A `[kv]` or `[1, kv]` key mask is key padding for every kernel (the sparse ones
+    once called `[kv]` "query-dependent"; the cuDNN path indexed a `[1, kv]` mask's
+    missing head axis), and a float mask is refused: read as "nonzero = may attend",
+    an additive 0 / -1e9 mask would be inverted silently."""
+    from transformer_jax.attention import registry
+    from transformer_jax.attention.variants.local import local_attention
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 7, 2, 4)).astype(np.float32) for _ in range(3))
+    valid = np.array([True, True, False, True, True, False, False])
+    want = reference.attention(q, k, v, mask=valid[None, None, None, :])
+    for mask in (valid, valid[None, :]):
+        for got in (dot_product_attention(q, k, v, mask=mask),
+                    local_attention(q, k, v, mask=mask, window=8),
+                    registry.flash_attention(q, k, v, mask=mask, implementation="xla")):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="mask must be boolean.*got dtype float32.*as `bias`"):
+        dot_product_attention(q, k, v, mask=np.where(valid, 0.0, -1e9).astype(np.float32))

@@ -25,7 +25,8 @@ from transformer_jax.attention.variants.chunked import chunked_attention
 from transformer_jax.attention.variants.linear import linear_attention
 from transformer_jax.attention.variants.local import local_attention
 from transformer_jax.attention.variants.longformer import longformer_attention
-from transformer_jax.attention.variants.performer import (orthogonal_random_features,
+from transformer_jax.attention.variants.performer import (FEATURE_EPS,
+                                                          orthogonal_random_features,
                                                           performer_attention)
 from transformer_jax.models import BertForPreTraining, GPT, get_config
 
@@ -174,12 +175,14 @@ def test_longformer_equals_dense_window_plus_globals(causal):
     _check_against_dense(fn, longformer_dense(N, 4, is_global, causal), seed=20)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_bigbird_equals_dense_block_pattern(causal):
+@pytest.mark.parametrize("causal,num_random", [(False, 2), (True, 2), (False, 0)])
+def test_bigbird_equals_dense_block_pattern(causal, num_random):
+    # num_random=0 with H > 1 heads once crashed (a [H, nb, 0] block table for one layout row).
     block, nb = 4, -(-N // 4)
-    rand = random_blocks(nb, H, num_window=3, num_global=2, num_random=2, seed=3, causal=causal)
+    rand = random_blocks(nb, H, num_window=3, num_global=2, num_random=num_random, seed=3,
+                         causal=causal)
     fn = lambda q, k, v: bigbird_attention(q, k, v, mask=_key_mask(), causal=causal, block_size=block,
-                                           num_random_blocks=2, random_seed=3)
+                                           num_random_blocks=num_random, random_seed=3)
     _check_against_dense(fn, bigbird_dense(N, block, 2, rand, causal), seed=30)
 
 
@@ -292,6 +295,64 @@ def test_performer_error_falls_with_feature_count():
     for causal in (False, True):
         assert errors[causal, 256] < 0.5 * errors[causal, 16], errors
     assert errors[False, 256] < 0.05, errors
+
+
+def _favor_reference(q, k, v, w, valid, causal):
+    """The FAVOR+ estimator in float64 loops: query i weighs valid key j (j <= i when
+    causal) by phi(q_i) . (exp(l_j - M_i) + eps), l = w x' - |x'|^2 / 2 with x' = x / d^(1/4),
+    M_i the largest l over the keys query i sees (the shift cancels but for eps)."""
+    q, k, v, w = (np.asarray(x, np.float64) for x in (q, k, v, w))
+    k, v = np.repeat(k, H // KV, axis=2), np.repeat(v, H // KV, axis=2)
+    logits = lambda x: (x * D ** -0.25) @ w.T - 0.5 * np.sum((x * D ** -0.25) ** 2, -1, keepdims=True)
+    out = np.zeros(q.shape)
+    for b in range(q.shape[0]):
+        for h in range(H):
+            lq, lk = logits(q[b, :, h]), logits(k[b, :, h])
+            fq = np.exp(lq - lq.max(-1, keepdims=True)) + FEATURE_EPS
+            for i in range(q.shape[1]):
+                seen = [j for j in range(k.shape[1]) if valid[b, j] and (j <= i or not causal)]
+                if seen:
+                    top = max(lk[j].max() for j in seen)
+                    weights = np.array([fq[i] @ (np.exp(lk[j] - top) + FEATURE_EPS) for j in seen])
+                    out[b, i, h] = weights @ v[b, seen, h] / weights.sum()
+    return out
+
+
+def test_performer_equals_its_estimator_and_causal_outputs_ignore_later_keys():
+    """Causal FAVOR+ once shifted every key by a maximum over all keys, future ones
+    included, so a later key changed earlier outputs through the feature eps."""
+    n = 13
+    q, k, v = _qkv(51, n=n)
+    valid = np.ones((B, n), bool)
+    valid[1, 0], valid[1, 9:] = False, False   # a leading hole and right padding
+    w = orthogonal_random_features(16, D, 0)
+    fn = jax.jit(performer_attention, static_argnames=("causal", "chunk"))
+    for causal in (True, False):
+        got = fn(q, k, v, w, mask=valid[:, None, None, :], causal=causal, chunk=4)
+        np.testing.assert_allclose(got, _favor_reference(q, k, v, w, valid, causal), atol=2e-6)
+    later_k, later_v = k.copy(), v.copy()
+    later_k[:, -1] *= 6.0
+    later_v[:, -1] += 5.0
+    before, after = (fn(q, kk, vv, w, causal=True, chunk=4) for kk, vv in ((k, v), (later_k, later_v)))
+    np.testing.assert_array_equal(np.asarray(before)[:, :-1], np.asarray(after)[:, :-1])
+
+
+@pytest.mark.parametrize("kind", [name for name in registry.names() if registry.get(name).make_extra])
+def test_scanned_layers_equal_unrolled_for_kernels_with_extras(kind):
+    """Kernels that make constants or parameters per module (performer's random
+    features once differed per layer unrolled but not scanned) compute the same
+    function with `scan_layers`."""
+    from transformer_jax.config import TransformerConfig
+    from transformer_jax.stacks import Encoder, stack_layers
+    attn = AttentionConfig(kind=kind, num_features=16, linformer_k=4, linformer_max_len=12)
+    kw = dict(d_model=16, num_heads=2, d_ff=32, num_layers=2, dropout=0.0, attention_dropout=0.0,
+              init_std=0.5, attention=attn)
+    x = np.random.default_rng(52).standard_normal((2, 12, 16)).astype(np.float32)
+    unrolled = Encoder(TransformerConfig(**kw))
+    params = unrolled.init(jax.random.PRNGKey(0), x)["params"]
+    scanned = Encoder(TransformerConfig(**kw, scan_layers=True))
+    np.testing.assert_allclose(scanned.apply({"params": stack_layers(params, 2)}, x),
+                               unrolled.apply({"params": params}, x), atol=1e-5)
 
 
 # --- models: linformer, training under jit, validation -----------------------------------

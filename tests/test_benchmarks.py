@@ -128,3 +128,45 @@ def test_random_batch_has_each_tasks_fields_and_ids_in_range():
                 assert np.all(value == 1), (name, field)  # masks and weights: all real
         if name == "mlm":
             assert np.all(np.diff(got["mlm_positions"], axis=1) > 0)  # distinct, sorted
+
+
+TINY_BENCH = ["--preset", "gpt-tiny", "--batch", "2", "--seq", "16", "--cost-only"]
+
+
+@pytest.mark.parametrize("module, argv, expect", [
+    ("attention_scaling", ["--kinds", "bogus"], "--kinds 'bogus': each must be one of xla,"),
+    ("attention_scaling", ["--min-len", "1024", "--max-len", "512"],
+     "--min-len 1024 is above --max-len 512"),
+    ("attention_scaling", ["--min-len", "600", "--max-len", "1000"], "no power of two lies between"),
+    ("attention_scaling", ["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
+    ("attention_scaling", ["--rounds", "0"], "--rounds 0: must be a positive integer"),
+    ("attention_scaling", ["--from-csv", "nope.csv"], "--from-csv 'nope.csv' is not a file"),
+    ("attention_scaling", ["--max-len", "0"], "--max-len 0: must be a positive integer"),
+    ("attention_scaling", ["--kinds", "linformer", "--modes", "causal"], "no kind runs in these modes"),
+    ("bench_throughput", [*TINY_BENCH, "--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+    ("bench_throughput", [*TINY_BENCH, "--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
+    ("bench_throughput", [*TINY_BENCH, "--set", "bogus=1"],
+     "--set 'bogus=1': 'bogus' is not a field of GPTConfig; valid: activation,"),
+    ("bench_throughput", [*TINY_BENCH, "--compare", "num_heads=3"],
+     "--compare 'num_heads=3': d_model=128 must be divisible by num_heads=3"),
+    ("bench_throughput", [*TINY_BENCH, "--compare", "fast"], "--compare 'fast': expected field=value"),
+    ("bench_throughput", [*TINY_BENCH, "--steps", "0"], "--steps 0: must be a positive integer"),
+    ("bench_throughput", [*TINY_BENCH, "--steps", "-1"], "--steps -1: must be a positive integer"),
+    ("bench_throughput", [*TINY_BENCH, "--batch", "0"], "--batch 0: must be a positive integer"),
+    ("bench_throughput", [*TINY_BENCH, "--matmul-size", "0"], "--matmul-size 0: must be a positive integer"),
+    ("bench_throughput", [*TINY_BENCH, "--seq", "512"], "--seq 512: row 'baseline' has max_len=256"),
+])
+def test_bad_experiment_flags_are_usage_errors_before_any_work(module, argv, expect, tmp_path,
+                                                              capsys, monkeypatch):
+    """Each flag is checked while the arguments are parsed: a usage error (exit status
+    2) whose last line names the flag, no traceback, nothing compiled or written."""
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    main_of = importlib.import_module(f"experiments.{module}").main
+    out = ["--out", str(tmp_path / "out")] if module == "attention_scaling" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main_of([*out, *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert expect in err.splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

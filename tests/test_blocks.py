@@ -173,3 +173,65 @@ def test_decoder_forwards_kernel_kwargs_like_the_encoder():
     assert np.abs(np.asarray(want - Decoder(cfg).apply({"params": params}, x))).max() > 1e-2
     got = Decoder(cfg).apply({"params": params}, x, global_mask=glob)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(dropout="0.1"), "dropout='0.1' must be in"),
+    (dict(attention_dropout=None), "attention_dropout=None must be in"),
+    (dict(layer_norm_eps=-1.0), "layer_norm_eps=-1.0 must be a positive number"),
+    (dict(layer_norm_eps=0.0), "layer_norm_eps=0.0 must be a positive number"),
+    (dict(rope_base=0.0), "rope_base=0.0 must be a positive number"),
+    (dict(use_bias="yes"), "use_bias='yes' must be True or False"),
+    (dict(tie_embeddings=1), "tie_embeddings=1 must be True or False"),
+    (dict(attention=dict(kind="longformer", global_positions=0)),
+     r"attention.global_positions=0 must be a tuple of ints"),
+    (dict(attention=dict(kind="bigbird", random_seed=-1)), r"attention.random_seed=-1 is invalid"),
+])
+def test_config_fields_are_checked_where_they_enter(bad, match):
+    """Each was once accepted, then gave NaN outputs (eps <= 0, rope_base <= 0), a
+    TypeError naming no field, or silently truthy flags."""
+    with pytest.raises(ValueError, match=match):
+        if "attention" in bad:
+            bad = dict(attention=AttentionConfig(**bad["attention"]))
+        TransformerConfig(**bad)
+
+
+def test_a_list_of_global_positions_keeps_the_config_hashable():
+    config = AttentionConfig(kind="longformer", global_positions=[0, 3])
+    assert config.global_positions == (0, 3)
+    assert hash(config) == hash(AttentionConfig(kind="longformer", global_positions=(0, 3)))
+
+
+@pytest.mark.parametrize("module, match", [
+    (dict(num_heads=2, attention=dict(kind="chunked", query_chunk=0)),
+     "attention.query_chunk=0 is invalid for kind='chunked'"),
+    (dict(num_heads=2, attention=dict(kind="local", window=-1)),
+     "attention.window=-1 is invalid for kind='local'"),
+    (dict(num_heads=2, attention=dict(kind="performer", num_features=0)),
+     "attention.num_features=0 is invalid"),
+    (dict(num_heads=2, position="ropee"), "position='ropee' is not valid"),
+    (dict(num_heads=0), "num_heads=0 must be a positive integer"),
+    (dict(num_heads=3), "input width 8 is not divisible by num_heads=3"),
+    (dict(num_heads=2, dropout_rate=-0.5), r"dropout_rate=-0.5 must be in \[0, 1\)"),
+])
+def test_multihead_attention_built_directly_checks_its_fields(module, match):
+    """The README builds MultiHeadAttention without a TransformerConfig: its fields
+    and AttentionConfig once went unchecked (ZeroDivisionError, silent no-ops)."""
+    from transformer_jax.attention import MultiHeadAttention
+    x = np.random.default_rng(0).standard_normal((1, 12, 8)).astype(np.float32)
+    if "attention" in module:
+        module = {**module, "attention": AttentionConfig(**module["attention"])}
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(MultiHeadAttention(**module).init, jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match=r"inputs_q must be \[..., seq, features\], got shape \(8,\)"):
+        jax.eval_shape(MultiHeadAttention(num_heads=2).init, jax.random.PRNGKey(0), x[0, 0])
+
+
+def test_replace_names_an_unknown_field():
+    """`replace` once raised dataclasses' TypeError; it is a ValueError listing the fields."""
+    config = TransformerConfig()
+    with pytest.raises(ValueError, match=r"TransformerConfig.replace: 'n_layers' is not a field "
+                                         r"of TransformerConfig; valid fields: vocab_size"):
+        config.replace(n_layers=3)
+    with pytest.raises(ValueError, match=r"AttentionConfig.replace: 'kindd' is not a field"):
+        config.replace(attention={"kindd": "xla"})

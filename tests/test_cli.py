@@ -1,6 +1,7 @@
 """End to end through the command line: train tiny BERT and GPT on the embedded
 corpus, resume exactly, survive divergence, generate, embed, and refuse bad input."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,12 @@ def test_generate_prints_text(gpt_run, capsys):
     assert main(["generate", "--model", str(gpt_run), "--prompt", "def ", "--max-new-tokens", "12"]) == 0
     text = capsys.readouterr().out.strip()
     assert text.startswith("def") and len(text) > 4
+    # Too long a continuation names the flags and the room there is, before any sampling.
+    assert main(["generate", "--model", str(gpt_run), "--prompt", "def ",
+                 "--max-new-tokens", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt encodes to" in err and "--max-new-tokens 100000" in err and \
+        "max_len=" in err and "Traceback" not in err
 
 
 def test_bert_trains_and_embeds(tmp_path, capsys):
@@ -196,7 +203,8 @@ def _untimed(records):
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """(full, resumed, note): 12 steps straight; and 8 steps, "killed" after the step-5
-    checkpoint (the step-8 one deleted, its log lines kept), resumed by `--resume` alone."""
+    checkpoint (the step-8 one deleted, its log lines kept, the last one cut short as a
+    kill mid-write leaves it), resumed by `--resume` alone."""
     import contextlib
     import io
     from transformer_jax.run import loop as runner
@@ -211,6 +219,8 @@ def tiny_runs(tmp_path_factory):
     assert main(["train", *args, "--stop-at", "8", "--peak-tflops", "1", "--out", str(part)]) == 0
     assert sorted(int(p.name) for p in (part / "checkpoints").iterdir()) == [5, 8]
     shutil.rmtree(part / "checkpoints" / "8")   # as if killed before that save
+    with (part / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "kind": "train", "loss": 4.')   # ... and while logging step 9
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(["train", "--out", str(part), "--resume", "--no-progress"]) == 0
@@ -243,7 +253,42 @@ def test_resume_refuses_changes_that_reshape_the_run(tiny_runs, capsys):
     assert main(["train", "--out", str(part), "--resume", "--seq-len", "16",
                  "--allow-change", "seq_len"]) == 2
     assert "allow_change='seq_len' is not valid" in capsys.readouterr().err
+    assert main(["train", "--out", str(part), "--resume", "--stop-at", "12"]) == 2
+    assert (f"--stop-at 12 is not valid with --resume: {part} is already at update 12 of --steps "
+            "12; it has done all its --steps") in capsys.readouterr().err
     assert (part / "metrics.jsonl").read_text() == before   # nothing touched
+
+
+def test_resume_refuses_a_stop_at_not_after_the_checkpoint(api_runs, capsys):
+    """--stop-at at or below the step a run resumes from would train nothing."""
+    root, _ = api_runs
+    stopped = root / "stop"   # stopped at step 5 of 12
+    before = (stopped / "metrics.jsonl").read_text()
+    for stop_at in ("3", "5"):
+        assert main(["train", "--out", str(stopped), "--resume", "--stop-at", stop_at]) == 2
+        err = capsys.readouterr().err
+        assert (f"--stop-at {stop_at} is not valid with --resume: {stopped} is already at update 5 "
+                "of --steps 12; give --stop-at between 6 and 12") in err and err.count("\n") == 1
+    assert (stopped / "metrics.jsonl").read_text() == before
+
+
+def test_metrics_log_drops_a_partial_last_line_and_names_a_damaged_one(tmp_path):
+    """A kill mid-write leaves the last line cut short: that record never was, and
+    `truncate` (on resume) rewrites the file without it, so the next line starts
+    clean. A bad line before the last is damage: an error naming the file and line."""
+    from transformer_jax.run.files import MetricsLog
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.write({"step": step, "kind": "train", "loss": 1.0 / step})
+    with log.path.open("a") as f:
+        f.write('{"step": 4, "kind": "train", "loss"')
+    assert [r["step"] for r in log.read()] == [1, 2, 3]
+    assert log.truncate(2) == 1 and [r["step"] for r in log.read()] == [1, 2]
+    log.write({"step": 3, "kind": "train", "loss": 0.3})
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2, 3]
+    log.path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"^{re.escape(str(log.path))}:2: not valid JSON"):
+        log.truncate(3)
 
 
 def test_summary_and_metrics_are_strict_json_with_a_robust_mfu(tiny_runs):
@@ -270,25 +315,43 @@ def diverged_run(tmp_path_factory):
 def test_diverged_run_keeps_its_last_good_state_and_resumes_from_it(diverged_run, capsys):
     records, summary = _strict_records(diverged_run)
     k = summary["diverged_at"]
-    assert summary["status"] == "diverged" and summary["step"] == k - 1
-    assert [int(p.name) for p in (diverged_run / "checkpoints").iterdir()] == [k - 1]
+    good = max(k - 2, 0)   # step k's NaN comes from the parameters after step k - 1
+    assert summary["status"] == "diverged" and summary["step"] == good
+    assert [int(p.name) for p in (diverged_run / "checkpoints").iterdir()] == [good]
     bad = [r for r in records if r["kind"] == "train" and r["step"] == k]
     assert bad and bad[0]["finite"] == 0.0 and "loss" in bad[0]["nonfinite"] and bad[0]["loss"] is None
     capsys.readouterr()
     assert main(["train", "--out", str(diverged_run), "--resume", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert f"resuming {diverged_run} at step {k - 1} of 30" in out and f"diverged at step {k}" in out
+    assert f"resuming {diverged_run} at step {good} of 30" in out and f"diverged at step {k}" in out
     again, resumed = _strict_records(diverged_run)
-    assert resumed["resumed_from"] == k - 1
+    assert resumed["resumed_from"] == good
     # The same settings diverge again at the same step, with the same numbers: the
     # continuation starts from the saved state, not from step 0, and logs nothing twice.
     assert _untimed(again) == _untimed(records)
+    # The documented recovery: a lower --lr from the kept state redoes the update that
+    # blew up (from the state after step k - 1 every setting gave step k's NaN).
+    lower = _copy_run(diverged_run)
+    assert main(["train", "--out", str(lower), "--resume", "--lr", "1e-3", "--allow-change", "lr",
+                 "--no-progress"]) == 0
+    _, recovered = _strict_records(lower)
+    assert recovered["diverged_at"] is None or recovered["diverged_at"] > k, recovered
+
+
+def _copy_run(run_dir):
+    """A copy of a run directory beside it, for a resume that must not change the original."""
+    import shutil
+    copy = run_dir.parent / f"{run_dir.name}_copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run_dir, copy)
+    return copy
 
 
 def test_divergence_rebuilds_the_last_good_state(api_runs, tmp_path, monkeypatch):
     """The host checks steps every --log-every (8) updates, so after a non-finite step
-    (here step 6, skipped as the jitted step skips it) steps 7 and 8 were applied before
-    it is seen; the saved state must still be the one after step 5: a run stopped there."""
+    (here step 7, skipped as the jitted step skips it) step 8 was applied before it is
+    seen; the saved state must still be the one after step 5 (step 7's NaN came from
+    the parameters after step 6): a run stopped there."""
     import itertools
     from transformer_jax.parallel.strategy import Strategy
     from transformer_jax.run import loop as runner
@@ -301,7 +364,7 @@ def test_divergence_rebuilds_the_last_good_state(api_runs, tmp_path, monkeypatch
         step_fn, count = real_step(self, task, **kw), itertools.count(1)
 
         def run(state, batch):
-            if next(count) == 6:   # what train_step returns for a non-finite gradient
+            if next(count) == 7:   # what train_step returns for a non-finite gradient
                 return state, {"loss": np.float32("nan"), "grad_norm": np.float32("nan"),
                                "finite": np.float32(0.0)}
             return step_fn(state, batch)
@@ -309,7 +372,7 @@ def test_divergence_rebuilds_the_last_good_state(api_runs, tmp_path, monkeypatch
     monkeypatch.setattr(Strategy, "train_step", poisoned)
     monkeypatch.setattr(runner, "fresh_state", lambda *a, **k: calls.append(1) or fresh(*a, **k))
     summary = train(RunConfig(**API_BASE, out_dir=str(tmp_path / "div")), progress=False)
-    assert summary["status"] == "diverged" and summary["diverged_at"] == 6 and summary["step"] == 5
+    assert summary["status"] == "diverged" and summary["diverged_at"] == 7 and summary["step"] == 5
     assert len(calls) == 2, "the state was not rebuilt from the initial one"
     a, b = load_run(tmp_path / "div")[1], load_run(root / "stop")[1]
     __import__("jax").tree.map(np.testing.assert_array_equal, a, b)
@@ -340,10 +403,13 @@ def _binary_data(tmp_path):
 
 @pytest.mark.parametrize("case", ["out_is_file", "out_under_file", "binary_data", "seq_len",
                                   "steps_le_warmup", "temperature", "top_p", "top_k",
-                                  "max_new_tokens", "allow_change"])
+                                  "max_new_tokens", "allow_change", "peak_tflops", "stop_at",
+                                  "tiny_text_file"])
 def test_cli_mistakes_are_one_clear_line(case, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
+    tiny_text = tmp_path / "tiny.txt"   # one paragraph of 3 lines: nothing to hold out
+    tiny_text.write_text("One line of text.\nA second line.\nA third.\n")
     out = ["--out", str(tmp_path / "run")]
     argv, expect = {
         "out_is_file": (["train", "--out", str(afile)], f"--out '{afile}' is a file"),
@@ -355,6 +421,13 @@ def test_cli_mistakes_are_one_clear_line(case, tmp_path, capsys):
         "top_k": (["generate", "--model", "x", "--top-k", "0"], "--top-k 0 is not valid"),
         "max_new_tokens": (["generate", "--model", "x", "--max-new-tokens", "0"], "--max-new-tokens 0"),
         "allow_change": (["train", "--allow-change", "model", *out], "allow_change='model' is not valid"),
+        "peak_tflops": (["train", "--peak-tflops", "inf", *out],
+                        "peak_tflops=inf is not valid: must be a positive finite number"),
+        "stop_at": (["train", "--steps", "30", "--stop-at", "31", *out],
+                    "stop_at=31 is not valid: --stop-at must be at most --steps 30"),
+        "tiny_text_file": (["train", "--data", str(tiny_text), *out],
+                           f"--data '{tiny_text}': corpus file '{tiny_text}' is too small to split "
+                           r"into training and validation text: .* at least 2 paragraphs"),
         "binary_data": (None, None),
     }[case]
     if case == "binary_data":
@@ -365,6 +438,16 @@ def test_cli_mistakes_are_one_clear_line(case, tmp_path, capsys):
     assert __import__("re").search(expect, err), err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()   # refused before anything was written
+
+
+def test_hf_data_without_the_datasets_package_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """--data hf:NAME needs an optional extra: without it, one line naming --data, not an
+    ImportError's traceback once the run has started."""
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)   # as if not installed
+    assert main(["train", "--data", "hf:wikitext", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--data hf:NAME needs the optional 'datasets' package" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def test_help_shows_defaults(capsys):

@@ -128,21 +128,31 @@ def test_init_from_a_pretrained_run_loads_the_encoder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("missing_field", r"train.jsonl:2: .*'label'"),
-    ("one_class", r"field 'label' has a single class"),
-    ("unknown_eval_label", r"dev.jsonl.*'nope'"),
-    ("empty", r"train.jsonl: the file holds no examples"),
+    ("missing_field", r"--data '.*train.jsonl':2: field 'label' is missing"),
+    ("null_field", r"--data '.*train.jsonl':2: field 'label' is empty \(null\); give a str or int"),
+    ("one_class", r"--data '.*train.jsonl': field 'label' has a single class"),
+    ("unknown_eval_label", r"--eval-data '.*dev.jsonl':5: field 'label' has 'nope'"),
+    ("empty", r"--data '.*train.jsonl': the file holds no examples"),
     ("no_eval_data", "task 'classify' needs --eval-data FILE"),
+    ("no_such_file", r"--data '.*missing.jsonl': no such file"),
+    ("not_utf8", r"--data '.*train.jsonl':3: not UTF-8 text \(invalid continuation byte at byte \d+\)"),
 ])
 def test_bad_files_are_refused_before_anything_is_written(tmp_path, capsys, case, match):
     good = _classify_records(20, 6)
     records = {"missing_field": [good[0], {"text": "no label"}] + good,
+               "null_field": [good[0], {"text": "null label", "label": None}] + good,
                "one_class": [{**r, "label": "math"} for r in good]}.get(case, good)
     train_path = _write(tmp_path / "train.jsonl", records)
     dev = good[:4] + ([{"text": "x", "label": "nope"}] if case == "unknown_eval_label" else [])
     dev_path = _write(tmp_path / "dev.jsonl", dev)
     if case == "empty":
         train_path.write_text("")
+    if case == "no_such_file":
+        train_path = tmp_path / "missing.jsonl"
+    if case == "not_utf8":   # a Latin-1 "é" on line 3
+        lines = train_path.read_bytes().splitlines(keepends=True)
+        lines[2] = b'{"text": "caf\xe9 math", "label": "math"}\n'
+        train_path.write_bytes(b"".join(lines))
     out = tmp_path / "out"
     argv = ["train", "--model", "bert-tiny", "--task", "classify", "--data", str(train_path),
             "--out", str(out), "--no-progress"] + ([] if case == "no_eval_data" else
@@ -151,3 +161,14 @@ def test_bad_files_are_refused_before_anything_is_written(tmp_path, capsys, case
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(match, err), err
     assert not out.exists()
+
+
+def test_predict_names_its_input_file_before_reading_the_model(tmp_path, capsys):
+    """--input-file is read (and refused) before the checkpoint, its errors naming the flag."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    for path, expect in ((tmp_path / "missing.jsonl", f"--input-file '{tmp_path / 'missing.jsonl'}': no such file"),
+                         (bad, f"--input-file '{bad}':2: not UTF-8 text")):
+        assert main(["predict", "--model", str(tmp_path / "no_run"), "--input-file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert expect in err and err.count("\n") == 1, err

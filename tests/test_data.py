@@ -164,9 +164,34 @@ def test_text_dir_corpus_reads_documents_and_sentences(synthetic):
     corpus = synthetic.corpus
     assert corpus.num_documents == len(synthetic.sentences)
     assert [list(d) for d in corpus.documents] == synthetic.sentences
-    single = text_corpus(synthetic.root / "text" / "doc003.txt")
-    assert list(single.documents[0]) == synthetic.sentences[3]
+    single = text_corpus(synthetic.root / "text" / "doc003.txt")   # a document per paragraph
+    assert [s for d in single.documents for s in d] == synthetic.sentences[3]
     assert text_corpus(synthetic.root / "text", max_documents=5).num_documents == 5
+
+
+def test_a_single_text_file_is_split_into_documents(synthetic, tmp_path):
+    """One file would be one document, and a train/validation split needs 2: its
+    blank-line paragraphs are its documents; without blank lines, groups of
+    LINES_PER_DOCUMENT lines. Too small to split either way: an error saying so."""
+    from transformer_jax.data.corpus import LINES_PER_DOCUMENT
+    path = synthetic.root / "text" / "doc003.txt"
+    paragraphs = path.read_text().strip().split("\n\n")
+    corpus = text_corpus(path)
+    assert [list(d) for d in corpus.documents] == [p.split("\n") for p in paragraphs]
+    assert text_corpus(path).documents == corpus.documents   # deterministic
+    train, valid = split_corpus(corpus)
+    assert train.num_documents + valid.num_documents == len(paragraphs) and valid.num_documents
+    lines = tmp_path / "lines.txt"   # a sentence a line, no blank line
+    sentences = synthetic.sentences[0] * 4
+    lines.write_text("\n".join(sentences[:2 * LINES_PER_DOCUMENT + 3]) + "\n")
+    docs = text_corpus(lines).documents
+    assert [len(d) for d in docs] == [LINES_PER_DOCUMENT, LINES_PER_DOCUMENT, 3]
+    assert [s for d in docs for s in d] == sentences[:2 * LINES_PER_DOCUMENT + 3]
+    small = tmp_path / "small.txt"
+    small.write_text("Just one short paragraph.\nOf two lines.\n")
+    with pytest.raises(ValueError, match=r"small.txt' is too small to split .* at least 2 "
+                                         r"paragraphs .* or more than 10 non-blank lines"):
+        text_corpus(small)
 
 
 def test_empty_corpus_errors_name_the_path(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -149,6 +150,33 @@ def test_vocab_txt_tokenizer_matches_tokenizer_json(tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
     assert a["input_ids"].shape[1] == 256  # truncated at max_seq_length
 
+
+
+def test_minilm_save_keeps_max_seq_length(minilm, tmp_path):
+    # all-MiniLM-L6-v2 truncates at 256 of its 512 positions; a re-export that wrote
+    # 512 would embed long texts differently from the original pipeline.
+    torch, transformers = _torch()
+    directory = _minilm_dir()
+    st_config = json.loads((directory / "sentence_bert_config.json").read_text())
+    max_seq_length = st_config["max_seq_length"]
+    back = load_pretrained(minilm.save(tmp_path))
+    saved = json.loads((tmp_path / "sentence_bert_config.json").read_text())["max_seq_length"]
+    assert saved == max_seq_length == back.pooling.max_seq_length == minilm.pooling.max_seq_length
+    assert back.pooling.mode == minilm.pooling.mode == "mean"
+    assert back.pooling.normalize and minilm.pooling.normalize
+    text = [" ".join(f"word{i % 37} sense" if i % 2 else "apple" for i in range(300))]
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(directory))
+    ref_batch = ref_tok(text, truncation=True, max_length=max_seq_length, return_tensors="pt")
+    with torch.no_grad():
+        ref_tokens = transformers.BertModel.from_pretrained(str(directory)).eval()(
+            **ref_batch).last_hidden_state.numpy()
+    ref_emb = ref_tokens.mean(1)
+    ref_emb /= np.linalg.norm(ref_emb, axis=-1, keepdims=True)
+    batch = tokenize(back.tokenizer, text)
+    assert batch["input_ids"].shape[1] == max_seq_length   # the text is longer: truncated
+    emb = _apply(back.model, back.params, batch["input_ids"], batch["token_type_ids"],
+                 batch["attention_mask"])
+    assert _max_diff(emb, ref_emb) < TOL
 
 # ---------------------------------------------------------- GPT-2 from PyTorch
 
@@ -408,6 +436,16 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
         check_exportable(get_config("gpt-tiny", attention={"kind": kind}), "gpt2")
 
 
+@pytest.mark.parametrize("kind, max_seq_length, match", [
+    ("sentence", 25, r"max_seq_length=25 is not valid: an int in \[1, max_len=24\]"),
+    ("sentence", 2.5, r"max_seq_length=2.5 is not valid"),
+    ("gpt", 16, "max_seq_length=16 applies to a sentence-transformers pipeline")])
+def test_bad_max_seq_length_is_refused_before_writing(tmp_path, kind, max_seq_length, match):
+    with pytest.raises(ValueError, match=match):
+        save_pretrained(tmp_path / "out", _ours(kind), {}, max_seq_length=max_seq_length)
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------ bad checkpoints
 
 @pytest.fixture
@@ -433,6 +471,8 @@ def _edit_tensors(directory, fn):
     (dict(architectures=["GPT2ForSequenceClassification"]), "architectures.*supported"),
     (dict(model_type="llama"), "model_type='llama'"),
     (dict(activation_function="swish"), "activation_function='swish'"),
+    (dict(activation_function=["gelu_new"]), r"activation_function=\['gelu_new'\]; supported"),
+    (dict(model_type=["gpt2"]), r"model_type=\['gpt2'\].*supported"),
     (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
     (dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn"),
     (dict(n_head=7), "divisible"),
@@ -448,6 +488,15 @@ def test_bert_relative_positions_are_refused(tmp_path):
     save_pretrained(tmp_path, model, _perturbed_init(model, np.ones((1, 4), np.int32)))
     _edit_config(tmp_path, position_embedding_type="relative_key")
     with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("hidden_act", [["gelu"], {"name": "gelu"}])
+def test_bert_activation_that_is_not_a_name_is_refused(tmp_path, hidden_act):
+    model = _ours("mlm")
+    save_pretrained(tmp_path, model, _perturbed_init(model, np.ones((1, 4), np.int32)))
+    _edit_config(tmp_path, hidden_act=hidden_act)
+    with pytest.raises(ValueError, match=re.escape(f"hidden_act={hidden_act!r}; supported")):
         load_pretrained(tmp_path)
 
 
@@ -501,6 +550,31 @@ def test_truncated_safetensors_is_refused(gpt_dir, keep):
     path.write_bytes(data[:keep])
     with pytest.raises(ValueError, match="truncated"):
         load_pretrained(gpt_dir)
+
+
+F32_PAIR = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("header, match", [
+    ([1, 2, 3], "its header is a JSON array, not an object"),
+    ({"w": [1]}, "tensor 'w' is a JSON array, not an object"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, "tensor 'w' has data_offsets=None"),
+    ({"w": {**F32_PAIR, "data_offsets": [0]}}, r"tensor 'w' has data_offsets=\[0\]"),
+    ({"w": {**F32_PAIR, "data_offsets": ["0", "8"]}}, "tensor 'w' has data_offsets="),
+    ({"w": {**F32_PAIR, "dtype": 4}}, "tensor 'w' has dtype=4"),
+    ({"w": {**F32_PAIR, "shape": "2"}}, "tensor 'w' has shape='2'"),
+    ({"ok": F32_PAIR, "w": {**F32_PAIR, "shape": [-2]}}, r"tensor 'w' has shape=\[-2\]")])
+def test_malformed_safetensors_header_is_named(tmp_path, header, match):
+    path = tmp_path / "model.safetensors"
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    import safetensors.numpy
+    # The reference: safetensors itself refuses each of these files (its error
+    # class has no stable import name).
+    with pytest.raises(Exception):
+        safetensors.numpy.load_file(str(path))
+    with pytest.raises(ValueError, match=f"{path.name} is corrupt: .*{match}"):
+        read_safetensors(path)
 
 
 def test_no_warnings_for_clean_checkpoint(gpt_dir):

@@ -1,4 +1,6 @@
 """Models: published parameter counts, every preset, jit/grad/vmap, cached decoding."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,6 +173,27 @@ def test_generate_sampling_eos_and_limits():
             generate(model, params, prompt, max_new_tokens=2, temperature=bad)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=np.full((2, 3), 4.7)), "prompts must be integer token ids, got dtype float64"),
+    (dict(prompts=np.zeros((0, 3), np.int32)), r"prompts must be \[batch, prompt_len\]"),
+    (dict(prompt_lengths=np.array([2.5, 3.0])), r"prompt_lengths=\[2.5, 3.0\] must be one integer"),
+    (dict(max_new_tokens=True), "max_new_tokens=True must be a positive integer"),
+    (dict(max_new_tokens=2.0), "max_new_tokens=2.0 must be a positive integer"),
+    (dict(eos_id=101), r"eos_id must be in \[0, 101\) \(vocab_size=101\)"),
+    (dict(eos_id=3.0), r"eos_id=3.0 must be an integer token id in \[0, 101\)"),
+    (dict(pad_id=-1), r"pad_id must be in \[0, 101\)"),
+    (dict(pad_id=None), "pad_id=None must be an integer token id"),
+    (dict(top_k=2.5), r"top_k=2.5 must be None or an integer in \[1, vocab_size=101\]"),
+    (dict(top_k=True), "top_k=True must be None or an integer"),
+    (dict(top_p="0.9"), r"top_p='0.9' must be None or a number in \(0, 1\]"),
+    (dict(temperature=True), "temperature=True must be a finite number >= 0")])
+def test_generate_rejects_bad_arguments(kwargs, match):
+    # Checked before anything is traced, so the parameters are never read.
+    args = dict(prompts=np.full((2, 3), 4), max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        generate(GPT(get_config("gpt-tiny", **TINY)), {}, args.pop("prompts"), **args)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(d_model=30, num_heads=4), "d_model=30 must be divisible by num_heads=4"),
     (dict(num_kv_heads=3), "num_heads=4 must be divisible by num_kv_heads=3"),
@@ -189,6 +212,42 @@ def test_invalid_configs(bad, match):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="gpt-huge.*valid: bert-tiny"):
         get_config("gpt-huge")
+
+
+@pytest.mark.parametrize("name, overrides, unknown", [
+    ("gpt-tiny", dict(n_layers=3), "'n_layers' is not a field of GPTConfig"),
+    ("bert-tiny", dict(foo=1, num_layers=1, bar=2), "'foo', 'bar' are not fields of BertConfig"),
+    ("transformer-tiny", dict(decoder_layers=1), "'decoder_layers' is not a field of "
+                                                 "EncoderDecoderConfig"),
+    ("gpt-tiny", dict(attention={"kind": "local", "windw": 4}),
+     r"attention=\): 'windw' is not a field of AttentionConfig")])
+def test_unknown_override_is_named_with_the_valid_fields(name, overrides, unknown):
+    with pytest.raises(ValueError, match=unknown) as err:
+        get_config(name, **overrides)
+    cls = type(get_config(name).attention if "attention" in overrides else get_config(name))
+    listed = str(err.value).split("valid fields: ")[1].split(", ")
+    assert listed == [f.name for f in dataclasses.fields(cls)]
+
+
+@pytest.mark.parametrize("name, bad, match", [
+    ("bert-tiny", dict(type_vocab_size=-1), "type_vocab_size=-1 is not valid: an int >= 0"),
+    ("bert-tiny", dict(type_vocab_size=2.5), "type_vocab_size=2.5 is not valid"),
+    ("bert-tiny", dict(type_vocab_size=True), "type_vocab_size=True is not valid"),
+    ("bert-tiny", dict(embedding_norm="yes"), "embedding_norm='yes' must be True or False"),
+    ("bert-tiny", dict(embedding_norm=1), "embedding_norm=1 must be True or False"),
+    ("transformer-tiny", dict(num_decoder_layers=True), "num_decoder_layers=True must be a positive"),
+    ("transformer-tiny", dict(num_decoder_layers=2.0), "num_decoder_layers=2.0 must be a positive")])
+def test_family_fields_are_checked_where_they_enter(name, bad, match):
+    with pytest.raises(ValueError, match=match):
+        get_config(name, **bad)
+
+
+def test_bert_without_segment_embeddings_is_valid():
+    # type_vocab_size=0: `Embeddings` builds no token-type table (what `hf.config.
+    # check_exportable` refuses to export, as HF BERT always has one).
+    model = BertForPreTraining(get_config("bert-tiny", **TINY, type_vocab_size=0))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    assert "token_type" not in params["params"]["bert"]["embeddings"]
 
 
 def test_shape_errors():

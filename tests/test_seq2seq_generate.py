@@ -338,3 +338,58 @@ def test_sampling_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sg.generate_seq2seq(EncoderDecoder(cfg), {}, np.full((2, 3), 4), max_new_tokens=4,
                             bos_id=BOS, eos_id=EOS, **kwargs)
+
+
+# --- arguments: one set of checks for both generators -------------------------------------
+from transformer_jax.models import GPT, generate  # noqa: E402
+
+
+def _tiny(family):
+    if family == "gpt":
+        return GPT(get_config("gpt-tiny", vocab_size=V, max_len=16, num_layers=1, d_model=16,
+                              num_heads=2, d_ff=32))
+    return EncoderDecoder(get_config("transformer-tiny", vocab_size=V, max_len=8, num_layers=1,
+                                     num_decoder_layers=1, d_model=16, num_heads=2, d_ff=32))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=True), "max_new_tokens=True must be a positive integer"),
+    (dict(max_new_tokens=np.float64(3.0)), "max_new_tokens=.*3.0.* must be a positive integer"),
+    (dict(eos_id=V), r"eos_id must be in \[0, 12\)"),
+    (dict(eos_id=2.0), "eos_id=2.0 must be an integer"),
+    (dict(pad_id=True), "pad_id=True must be an integer token id"),
+    (dict(top_k=2.5), "top_k=2.5 must be None or an integer"),
+    (dict(top_k=np.bool_(True)), "top_k=.*True_? must be None or an integer"),
+    (dict(top_p=1.5), r"top_p=1.5 must be None or a number in \(0, 1\]"),
+    (dict(temperature=float("nan")), "temperature=nan must be a finite number")])
+def test_both_generators_refuse_the_same_arguments(kwargs, match):
+    # GPT's `generate` used to truncate, wrap or crash on these where seq2seq refused them.
+    args = dict(max_new_tokens=4, eos_id=EOS, pad_id=PAD) | kwargs
+    ids = np.full((2, 3), 4)
+    with pytest.raises(ValueError, match=match) as gpt_err:
+        generate(_tiny("gpt"), {}, ids, **args)
+    with pytest.raises(ValueError, match=match) as seq2seq_err:
+        sg.generate_seq2seq(_tiny("seq2seq"), {}, ids, bos_id=BOS, **args)
+    assert str(gpt_err.value) == str(seq2seq_err.value)
+
+
+def test_numpy_integers_are_accepted_as_ints():
+    # Counts and ids read off numpy arrays are np.int64; each generator must treat them
+    # exactly as the Python ints they equal.
+    as_numpy = dict(max_new_tokens=np.int64(3), eos_id=np.int32(EOS), pad_id=np.int64(PAD))
+    as_python = {k: int(v) for k, v in as_numpy.items()}
+    src = np.array([[4, 5, 6], [7, 8, 0]], np.int32)
+    gpt, seq2seq = _tiny("gpt"), _tiny("seq2seq")
+    gpt_params = _init(gpt, 0, src)
+    seq2seq_params = _init(seq2seq, 1, src, src, src > 0)
+    runs = [lambda top_k, **a: generate(gpt, gpt_params, src, prompt_lengths=np.array([3, 2]),
+                                        top_k=top_k, rng=jax.random.PRNGKey(2), **a),
+            lambda top_k, **a: sg.generate_seq2seq(seq2seq, seq2seq_params, src, src > 0,
+                                                   top_k=top_k, temperature=1.0,
+                                                   bos_id=np.int64(BOS), **a),
+            lambda top_k, **a: sg.beam_search_seq2seq(seq2seq, seq2seq_params, src, src > 0,
+                                                      beam_size=top_k, bos_id=BOS, **a)]
+    for run in runs:
+        ours, reference = run(np.int64(2), **as_numpy), run(2, **as_python)
+        np.testing.assert_array_equal(ours.tokens, reference.tokens)
+        np.testing.assert_array_equal(ours.lengths, reference.lengths)

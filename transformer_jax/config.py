@@ -14,7 +14,8 @@ from transformer_jax.attention import registry
 from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.initializers import INIT_SCHEMES
 from transformer_jax.positional import POSITION_KINDS
-from transformer_jax.validation import boolean, choice, positive_int, positive_number, probability
+from transformer_jax.validation import (boolean, choice, known_fields, positive_int, positive_number,
+                                        probability)
 
 NORM_PLACEMENTS = ("post", "pre", "sandwich", "deepnorm")
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -111,13 +112,16 @@ class TransformerConfig:
                              "whose blocks use Xavier with gain beta; choose init 'normal' "
                              "or 'xavier'")
         positive_number("init_std", self.init_std)
+        positive_number("layer_norm_eps", self.layer_norm_eps)
+        positive_number("rope_base", self.rope_base)
         choice("dtype", self.dtype, DTYPES)
         choice("param_dtype", self.param_dtype, DTYPES)
         probability("dropout", self.dropout)
         probability("attention_dropout", self.attention_dropout)
         choice("remat", self.remat, REMAT_POLICIES)
         positive_int("vocab_pad_multiple", self.vocab_pad_multiple)
-        for name in ("logical_partitioning", "fused_qkv", "scan_layers"):
+        for name in ("use_bias", "tie_embeddings", "logical_partitioning", "fused_qkv",
+                     "scan_layers"):
             boolean(name, getattr(self, name))
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"position='rope' needs an even head_dim, got {self.head_dim}")
@@ -155,6 +159,7 @@ class TransformerConfig:
 
     def replace(self, **kwargs):
         """Copy with fields changed; `attention=` may be a dict of AttentionConfig fields."""
+        known_fields(type(self), kwargs, f"{type(self).__name__}.replace")
         if isinstance(kwargs.get("attention"), dict):
             kwargs["attention"] = self.attention.replace(**kwargs["attention"])
         return dataclasses.replace(self, **kwargs)

@@ -6,6 +6,7 @@ the package: any module, however low, can use it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -42,8 +43,9 @@ def positive_number(name: str, value: Any) -> None:
 
 
 def probability(name: str, value: float) -> None:
-    """ValueError unless 0 <= value < 1 (a dropout rate: 1 would drop everything)."""
-    if not 0.0 <= value < 1.0:
+    """ValueError unless value is a real number (not a bool) with 0 <= value < 1 (a
+    dropout rate: 1 would drop everything)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
 
@@ -59,3 +61,15 @@ def int_at_least(name: str, value: Any, minimum: int, *, where: str = "") -> Non
     " for kind='local'". A bool passes as the int it is."""
     if not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is invalid{where}: it must be an int >= {minimum}")
+
+
+def known_fields(cls, names, where: str) -> None:
+    """ValueError naming each of `names` that is not a field of the dataclass `cls`,
+    and listing the valid ones: dataclasses would raise a TypeError ("unexpected
+    keyword argument")."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"{where}: {', '.join(map(repr, unknown))} "
+                         f"{'is not a field' if len(unknown) == 1 else 'are not fields'} of "
+                         f"{cls.__name__}; valid fields: {', '.join(valid)}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from transformer_jax import validation
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
@@ -31,7 +33,8 @@ class AttentionConfig:
     # past the first `longformer_max_global` are treated as ordinary tokens.
     longformer_max_global: int = 16
     # bigbird (Zaheer et al. 2020, arXiv 2007.14062, ITC variant): block size and
-    # counts of window / global / random blocks; random blocks come from this seed.
+    # counts of window / global / random blocks. `random_seed` draws bigbird's
+    # random blocks and performer's random features.
     block_size: int = 64
     num_window_blocks: int = 3
     num_global_blocks: int = 2
@@ -50,6 +53,20 @@ class AttentionConfig:
     # (the chunkwise form of Katharopoulos et al. 2020, arXiv 2006.16236, eq. 9).
     linear_chunk: int = 64
 
+    def __post_init__(self):
+        # Checks every kind needs; each kind checks the fields it reads
+        # (`registry.validate`). A list of global positions is kept as a tuple, so
+        # the config stays hashable (a jit static argument, a module attribute).
+        if isinstance(self.global_positions, list):
+            object.__setattr__(self, "global_positions", tuple(self.global_positions))
+        if not isinstance(self.global_positions, tuple) or \
+                not all(validation.is_int(p) for p in self.global_positions):
+            raise ValueError(f"attention.global_positions={self.global_positions!r} must be a "
+                             "tuple of ints, e.g. (0,)")
+        validation.int_at_least("attention.random_seed", self.random_seed, 0)
+        validation.boolean("attention.linformer_share_heads", self.linformer_share_heads)
+
     def replace(self, **kwargs) -> "AttentionConfig":
         """A copy with `kwargs` fields changed."""
+        validation.known_fields(AttentionConfig, kwargs, "AttentionConfig.replace")
         return dataclasses.replace(self, **kwargs)

@@ -72,6 +72,11 @@ def check_mask_and_bias(q, k, mask=None, bias=None, *, kind: str | None = None,
     names the kernel for the capability errors: `key_only` kernels take only key padding
     masks `[..., 1, kv_len]`, and `bias_ok=False` ones no bias at all."""
     target = scores_shape(q, k)
+    if mask is not None and jnp.issubdtype(jnp.asarray(mask).dtype, jnp.floating):
+        # A float mask would be read as "nonzero = may attend", which inverts an
+        # additive 0 / -inf mask without any error.
+        raise ValueError(f"attention mask must be boolean (True = may attend), got dtype "
+                         f"{jnp.asarray(mask).dtype}; pass an additive float mask as `bias`")
     check_broadcast("mask", mask, target)
     check_broadcast("bias", bias, target)
     if key_only:

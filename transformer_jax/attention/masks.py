@@ -42,6 +42,13 @@ def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
 
 
 def is_key_only(mask: jnp.ndarray | None) -> bool:
-    """True when the mask depends only on the key position: `[..., 1, kv_len]`
-    (query axis of size 1), or no mask."""
-    return mask is None or (mask.ndim >= 2 and mask.shape[-2] == 1)
+    """True when the mask depends only on the key position: `[kv_len]` or
+    `[..., 1, kv_len]` (query axis of size 1), or no mask."""
+    return mask is None or mask.ndim == 1 or mask.shape[-2] == 1
+
+
+def is_key_padding(mask: jnp.ndarray | None) -> bool:
+    """True when the mask depends only on the key position and not on the head:
+    `[..., 1, 1, kv_len]` or fewer dims (or no mask), the key padding mask that the
+    cuDNN and splash paths take as per-row key lengths."""
+    return is_key_only(mask) and (mask is None or mask.ndim < 3 or mask.shape[-3] == 1)

@@ -13,7 +13,7 @@ from flax.core import meta
 import jax
 import jax.numpy as jnp
 
-from transformer_jax import partitioning as logical, positional
+from transformer_jax import partitioning as logical, positional, validation
 from transformer_jax.attention import functional, masks as masks_lib, registry
 from transformer_jax.attention.config import AttentionConfig
 
@@ -83,8 +83,9 @@ class MultiHeadAttention(nn.Module):
       num_kv_heads: key/value heads (None = num_heads; 1 = multi-query attention).
       head_dim: per-head width (None = features // num_heads).
       out_features: output width (None = input width).
-      position: "rope" or "alibi" are applied here; anything else is a no-op
-        because additive positions are added to the embeddings.
+      position: one of `positional.POSITION_KINDS`; "rope" and "alibi" are applied
+        here, the others are no-ops here because additive positions are added
+        to the embeddings.
     Call-time switches: `deterministic` (dropout off), `decode` (use and update
     the key/value cache in the "cache" collection; cross-attention caches the
     projected memory once, see `_memory_kv`), `sow_weights` (store the
@@ -171,11 +172,10 @@ class MultiHeadAttention(nn.Module):
         positions `[..., q_len]` int (defaults to arange, offset by the cache in decode)."""
         is_self = inputs_kv is None
         inputs_kv = inputs_q if is_self else inputs_kv
+        self._check_fields(inputs_q, inputs_kv, causal)
         features = inputs_q.shape[-1]
         kv_heads = self.num_kv_heads or self.num_heads
         head_dim = self.head_dim or features // self.num_heads
-        if self.num_heads % kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={kv_heads}")
         variant = registry.get(self.attention.kind)
 
         q, k, v = self._projections(inputs_q, inputs_kv, is_self, (self.num_heads, head_dim),
@@ -215,6 +215,31 @@ class MultiHeadAttention(nn.Module):
         return nn.DenseGeneral(out_features, axis=(-2, -1), use_bias=self.use_bias,
                                dtype=self.dtype, param_dtype=self.param_dtype,
                                kernel_init=out_init, bias_init=bias_init, name="out")(out)
+
+    def _check_fields(self, inputs_q, inputs_kv, causal):
+        """The module's own fields and its AttentionConfig, checked at trace time: a
+        module built directly (not from a validated TransformerConfig) gets the same
+        one-line errors as a config would, naming the field."""
+        validation.positive_int("num_heads", self.num_heads)
+        for name in ("num_kv_heads", "head_dim", "out_features"):
+            if getattr(self, name) is not None:
+                validation.positive_int(name, getattr(self, name))
+        validation.probability("dropout_rate", self.dropout_rate)
+        validation.choice("position", self.position, positional.POSITION_KINDS)
+        if not isinstance(self.attention, AttentionConfig):
+            raise ValueError(f"attention={self.attention!r} must be an AttentionConfig")
+        for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+            if jnp.ndim(x) < 2:
+                raise ValueError(f"MultiHeadAttention: {name} must be [..., seq, features], "
+                                 f"got shape {jnp.shape(x)}")
+        kv_heads = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={kv_heads}")
+        if self.head_dim is None and inputs_q.shape[-1] % self.num_heads:
+            raise ValueError(f"MultiHeadAttention: input width {inputs_q.shape[-1]} is not divisible "
+                             f"by num_heads={self.num_heads}; set head_dim explicitly")
+        registry.validate(self.attention, causal=causal, position=self.position,
+                          attention_dropout=self.dropout_rate)
 
     def _kernel(self, variant, q, k, v, mask, bias, causal, deterministic, sow_weights, kwargs):
         registry.check_inputs(variant, q, k, mask, bias)  # before any parameter is made

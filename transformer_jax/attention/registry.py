@@ -167,7 +167,7 @@ def flash_attention(q, k, v, *, mask=None, bias=None, causal=False, implementati
     bias4 = None if bias is None else four_d(bias).astype(q.dtype)
     if mask is None:
         return call(k4, v4, bias4=bias4)
-    if causal or bias is not None or not (masks_lib.is_key_only(mask) and mask.shape[-3] == 1):
+    if causal or bias is not None or not masks_lib.is_key_padding(mask):
         return call(k4, v4, mask4=four_d(mask), bias4=bias4)  # positions matter: no reordering
     keys = _flatten_batch(jnp.broadcast_to(mask, (*batch_shape, 1, 1, kv_len)), lead)[:, 0, 0]
     order = jnp.argsort(~keys, axis=-1, stable=True)   # valid keys first
@@ -201,7 +201,7 @@ def cudnn_applies(q, k, *, mask, bias, causal, dropout_rate, deterministic) -> b
     (so not cached decoding), equal Q and K/V head counts and a head_dim cuDNN's
     flash kernel supports."""
     head_dim = q.shape[-1]
-    key_padding = mask is None or (not causal and masks_lib.is_key_only(mask) and mask.shape[-3] == 1)
+    key_padding = mask is None or (not causal and masks_lib.is_key_padding(mask))
     return (cudnn_unavailable_reason(q.dtype) is None and (deterministic or not dropout_rate)
             and bias is None and key_padding and q.shape[-2] == k.shape[-2]
             and head_dim % 8 == 0 and head_dim <= 128)

@@ -59,6 +59,9 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.\s)")
 _MIN_WORDS = 4           # shorter paragraphs are mostly headings like "Args:"
 _MIN_LETTER_FRACTION = 0.6  # below this a paragraph is mostly code or a table
+# A single text file without blank lines (one sentence a line, say) is cut into
+# documents of this many lines, so that it can be split into train and validation.
+LINES_PER_DOCUMENT = 10
 
 SNAPSHOT_FILE = "stdlib_docstrings.json.gz"  # package data of transformer_jax.data
 SNAPSHOT_PYTHON = "3.11.7"  # the CPython whose stdlib the snapshot was built from
@@ -294,10 +297,41 @@ def _text_files(path: Path) -> list[Path]:
                      "or a directory of .txt files, or use stdlib_corpus()")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start}); give text files") from e
+
+
+def _single_file_documents(text: str, source: str = "text") -> list[list[str]]:
+    """The documents of a corpus that is one file: its blank-line separated
+    paragraphs, or, in a file without blank lines, groups of LINES_PER_DOCUMENT
+    lines. A train/validation split is by whole documents, so one document per
+    file would leave a single file nothing to split; ValueError if fewer than 2
+    documents come out."""
+    paragraphs = [p for p in (text_to_segments(p) for p in _PARAGRAPH_BREAK.split(text)) if p]
+    if len(paragraphs) >= 2:
+        return paragraphs
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    groups = [text_to_segments("\n".join(lines[i:i + LINES_PER_DOCUMENT]))
+              for i in range(0, len(lines), LINES_PER_DOCUMENT)]
+    groups = [g for g in groups if g]
+    if len(groups) < 2:
+        raise ValueError(
+            f"corpus file {source!r} is too small to split into training and validation "
+            f"text: a single file needs at least 2 paragraphs (separated by a blank line) or "
+            f"more than {LINES_PER_DOCUMENT} non-blank lines; it has {len(lines)} line(s) in "
+            f"{len(paragraphs)} paragraph(s)")
+    return groups
+
+
 def text_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike],
                 max_documents: int | None = None,
                 max_chars: int | None = None) -> Corpus:
-    """A corpus from user text: one document per file.
+    """A corpus from user text: one document per file, or, when there is only one
+    file, one per paragraph (`_single_file_documents`).
 
     Args:
       paths: a ``.txt`` file, a directory (searched recursively for ``*.txt``,
@@ -310,17 +344,14 @@ def text_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike],
     where = ", ".join(str(p) for p in paths)
     if not files:
         raise ValueError(f"corpus path {where!r} contains no .txt files")
-
-    def documents():
-        for f in files:
-            try:
-                text = f.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"corpus file {str(f)!r} is not UTF-8 text ({e.reason} at byte "
-                                 f"{e.start}); give text files") from e
-            yield text_to_segments(text)
-
-    return Corpus(_capped(documents(), max_documents, max_chars), source=where)
+    if len(files) == 1:
+        text = _read_text(files[0])
+        if not text.strip():   # the empty-corpus error of Corpus, naming the path
+            return Corpus((), source=where)
+        documents = _single_file_documents(text, str(files[0]))
+        return Corpus(_capped(documents, max_documents, max_chars), source=where)
+    documents = (text_to_segments(_read_text(f)) for f in files)
+    return Corpus(_capped(documents, max_documents, max_chars), source=where)
 
 
 def load_hf_corpus(name: str, config: str | None = None, split: str = "train",

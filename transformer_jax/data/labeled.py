@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -64,16 +65,19 @@ def _check_task(task: str) -> None:
 
 # -- reading -------------------------------------------------------------------
 
-def read_rows(path: Path):
-    """(line, record) pairs of a JSON Lines or CSV file; ValueError naming the file
-    and line of a row that is not a JSON object."""
+def read_rows(path: Path, name: str | None = None):
+    """(line, record) pairs of a UTF-8 JSON Lines or CSV file; ValueError naming the
+    file and line of a row that is not a JSON object, or of a byte that is not UTF-8.
+    Errors call the file `name` (default: its path), e.g. "--data 'train.jsonl'"."""
+    path = Path(path)
+    name = name or str(path)
     suffix = path.suffix.lower()
     if suffix not in _JSON_SUFFIXES + _CSV_SUFFIXES:
-        raise ValueError(f"{path}: unknown file type {suffix!r}; valid: "
+        raise ValueError(f"{name}: unknown file type {suffix!r}; valid: "
                          f"{', '.join(_JSON_SUFFIXES + _CSV_SUFFIXES)}")
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    with open(path, encoding="utf-8", newline="") as f:
+        raise ValueError(f"{name}: no such file")
+    with io.StringIO(_utf8_text(path, name), newline="") as f:
         if suffix in _CSV_SUFFIXES:
             reader = csv.DictReader(f)
             return [(reader.line_num, row) for row in reader]
@@ -86,23 +90,37 @@ def read_rows(path: Path):
             except json.JSONDecodeError as e:
                 hint = " (the file must hold one JSON object a line, not an array)" \
                     if raw.lstrip().startswith("[") else ""
-                raise ValueError(f"{path}:{line}: not valid JSON: {e.msg}{hint}") from None
+                raise ValueError(f"{name}:{line}: not valid JSON: {e.msg}{hint}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line}: expected a JSON object, got "
+                raise ValueError(f"{name}:{line}: expected a JSON object, got "
                                  f"{type(record).__name__}")
             rows.append((line, record))
         return rows
 
 
+def _utf8_text(path: Path, name: str) -> str:
+    """The file's text; ValueError naming the line and byte of the first byte that is
+    not UTF-8 (the decoder's own message names neither the file nor the line)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{name}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                         "save the file as UTF-8") from None
+
+
 def _field(path, line, record, name, kinds, optional=False):
-    if name not in record or record[name] is None:
+    names = " or ".join(k.__name__ for k in kinds)
+    if record.get(name) is None:
         if optional:
             return None
+        if name in record:   # JSON null, or a CSV row with fewer cells than the header
+            raise ValueError(f"{path}:{line}: field {name!r} is empty (null); give a {names}")
         raise ValueError(f"{path}:{line}: field {name!r} is missing; the record has "
-                         f"{sorted(record)}")
+                         f"{sorted(k for k in record if isinstance(k, str))}")
     value = record[name]
     if isinstance(value, bool) or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
         raise ValueError(f"{path}:{line}: field {name!r} must be {names}, got "
                          f"{type(value).__name__} {value!r:.60}")
     return value
@@ -148,16 +166,18 @@ def _tag_example(path, line, record, csv_file) -> TagExample:
     return TagExample(tokens, tags, line)
 
 
-def read_labeled(path: str | os.PathLike, task: str) -> list:
+def read_labeled(path: str | os.PathLike, task: str, name: str | None = None) -> list:
     """The examples of one file (`ClassifyExample`s or `TagExample`s, in file
-    order); ValueError naming the file, line and field of the first bad record."""
+    order); ValueError naming the file (as `name`, default its path), line and field
+    of the first bad record."""
     _check_task(task)
     path = Path(path)
+    name = name or str(path)
     csv_file = path.suffix.lower() in _CSV_SUFFIXES
     make = _classify_example if task == "classify" else _tag_example
-    examples = [make(path, line, record, csv_file) for line, record in read_rows(path)]
+    examples = [make(name, line, record, csv_file) for line, record in read_rows(path, name)]
     if not examples:
-        raise ValueError(f"{path}: the file holds no examples")
+        raise ValueError(f"{name}: the file holds no examples")
     return examples
 
 
@@ -429,18 +449,30 @@ def make_labeled_datasets(task: str, train_path: str | os.PathLike,
     one, to continue a run); eval labels outside it are an error."""
     _check_task(task)
     train = read_labeled(train_path, task)
+    evals = None if eval_path is None else read_labeled(eval_path, task)
+    return labeled_datasets(task, train, evals, tokenizer, max_len, labels=labels,
+                            model_vocab_size=model_vocab_size,
+                            sources=(str(train_path), str(eval_path)))
+
+
+def labeled_datasets(task: str, train: Sequence, evals: Sequence | None, tokenizer: Tokenizer,
+                     max_len: int, *, labels: LabelSet | None = None,
+                     model_vocab_size: int | None = None,
+                     sources: tuple[str, str] = ("training data", "eval data")):
+    """`make_labeled_datasets` of examples already read (`read_labeled`); `sources`
+    name the training and eval files in errors."""
+    _check_task(task)
     if labels is None:
-        labels = LabelSet.from_examples(task, train, str(train_path))
+        labels = LabelSet.from_examples(task, train, sources[0])
     elif labels.task != task:
         raise ValueError(f"labels are for task {labels.task!r}, not {task!r}")
     else:
-        labels.check(train, str(train_path))
+        labels.check(train, sources[0])
+    if evals is not None:
+        labels.check(evals, sources[1])
     cls = DATASET_CLASSES[task]
     kw = dict(model_vocab_size=model_vocab_size)
     train_ds = cls.from_examples(train, tokenizer, labels, max_len, shuffle=True, **kw)
-    eval_ds = None
-    if eval_path is not None:
-        evals = read_labeled(eval_path, task)
-        labels.check(evals, str(eval_path))
-        eval_ds = cls.from_examples(evals, tokenizer, labels, max_len, shuffle=False, **kw)
+    eval_ds = None if evals is None else cls.from_examples(evals, tokenizer, labels, max_len,
+                                                           shuffle=False, **kw)
     return train_ds, eval_ds, labels

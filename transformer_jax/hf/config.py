@@ -51,7 +51,8 @@ def _require(hf: dict, key: str, supported, why: str) -> None:
 
 def _activation(hf: dict, key: str) -> str:
     name = hf[key]
-    if name not in ACTIVATIONS_FROM_HF:
+    # A list or dict cannot be looked up (unhashable); it is refused like any unknown name.
+    if not isinstance(name, str) or name not in ACTIVATIONS_FROM_HF:
         raise ValueError(f"config.json has {key}={name!r}; supported activations: "
                          f"{', '.join(map(repr, ACTIVATIONS_FROM_HF))}")
     return ACTIVATIONS_FROM_HF[name]
@@ -160,7 +161,7 @@ def gpt2_from_hf(hf: dict, **overrides) -> GPTConfig:
                   dropout=hf["resid_pdrop"], attention_dropout=hf["attn_pdrop"],
                   activation=_activation(hf, "activation_function"), norm_placement="pre",
                   layer_norm_eps=hf["layer_norm_epsilon"], init_std=hf["initializer_range"],
-                  tie_embeddings=bool(hf["tie_word_embeddings"]), position="learned", **overrides)
+                  tie_embeddings=hf["tie_word_embeddings"], position="learned", **overrides)
 
 
 def check_exportable(config, family: str) -> None:

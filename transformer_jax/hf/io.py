@@ -45,6 +45,38 @@ def _require_safetensors():
     return stn
 
 
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type ("array", not Python's "list")."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _is_count(value) -> bool:
+    """A JSON integer >= 0 (true/false are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, entry) -> None:
+    """One tensor's header entry is {"dtype": str, "shape": [int >= 0, ...],
+    "data_offsets": [begin, end]} with 0 <= begin <= end; the byte ranges are
+    compared with the file's size afterwards."""
+    problem = None
+    if not isinstance(entry, dict):
+        problem = f"is a JSON {_json_type(entry)}, not an object"
+    elif not isinstance(entry.get("dtype"), str):
+        problem = f"has dtype={entry.get('dtype')!r}, not a dtype name such as 'F32'"
+    elif not isinstance(entry.get("shape"), list) or not all(map(_is_count, entry["shape"])):
+        problem = f"has shape={entry.get('shape')!r}, not a list of sizes >= 0"
+    else:
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+                and offsets[0] <= offsets[1]):
+            problem = f"has data_offsets={offsets!r}, not [begin, end] with 0 <= begin <= end"
+    if problem:
+        raise ValueError(f"{path} is corrupt: the header entry of tensor {name!r} {problem}")
+
+
 def check_safetensors_header(path: Path) -> dict:
     """Parses and validates the header ({name: {"dtype", "shape", "data_offsets"}});
     raises ValueError for a truncated or corrupt file."""
@@ -62,6 +94,12 @@ def check_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is corrupt: its header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is corrupt: its header is a JSON {_json_type(header)}, not "
+                         "an object mapping tensor names to their dtype, shape and data_offsets")
+    for name, entry in header.items():
+        if name != "__metadata__":
+            _check_entry(path, name, entry)
     ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:

@@ -28,6 +28,7 @@ from transformer_jax.models.bert import (BertForMaskedLM, BertForPreTraining,
                                          BertForTokenClassification, BertModel)
 from transformer_jax.models.configs import BertConfig, GPTConfig
 from transformer_jax.models.gpt import GPT
+from transformer_jax.validation import is_int, require
 
 SENTENCE_TRANSFORMER = "SentenceTransformer"
 
@@ -57,8 +58,11 @@ class Pretrained:
         return _bert_hidden(self.config)(encoder, input_ids, attention_mask, token_type_ids)
 
     def save(self, directory) -> Path:
-        """`save_pretrained(directory, self.model, self.params, tokenizer=...)`."""
-        return save_pretrained(directory, self.model, self.params, tokenizer=self.tokenizer)
+        """`save_pretrained(directory, self.model, self.params, tokenizer=...)`, keeping a
+        sentence-transformers pipeline's max_seq_length (e.g. 256 of 512 positions)."""
+        max_seq_length = self.pooling.max_seq_length if self.pooling is not None else None
+        return save_pretrained(directory, self.model, self.params, tokenizer=self.tokenizer,
+                               max_seq_length=max_seq_length)
 
 
 @functools.lru_cache(maxsize=8)
@@ -170,7 +174,7 @@ def _read_config(directory: Path) -> dict:
         archs = hf.get("architectures") or [""]
         family = "bert" if archs[0].startswith("Bert") else "gpt2" if archs[0].startswith("GPT2") else None
         hf = {**hf, "model_type": family} if family else hf
-    if family not in _FAMILIES:
+    if not isinstance(family, str) or family not in _FAMILIES:  # a list would be unhashable
         arch = hf.get("architectures")
         raise ValueError(f"{path} has model_type={family!r} (architectures={arch!r}); supported: "
                          f"model_type 'bert' ({', '.join(config_lib.BERT_ARCHITECTURES)}) or "
@@ -240,14 +244,33 @@ def _export_spec(model: nn.Module):
             bert.layout(cfg, heads=heads, hf_prefix=hf_prefix, ours_prefix=ours_prefix, pooler=pooler))
 
 
-def save_pretrained(directory, model: nn.Module, params, *, tokenizer=None, dtype=None) -> Path:
+def _sentence_max_length(model: nn.Module, max_seq_length) -> int:
+    """The max_seq_length a sentence-transformers pipeline is saved with: the given
+    one (what it was imported with), else every position the model has."""
+    if max_seq_length is None:
+        return model.config.max_len
+    max_len = model.config.max_len
+    require("max_seq_length", is_int(max_seq_length) and 1 <= max_seq_length <= max_len,
+            max_seq_length, f"an int in [1, max_len={max_len}] (the model's positions)")
+    return max_seq_length
+
+
+def save_pretrained(directory, model: nn.Module, params, *, tokenizer=None, dtype=None,
+                    max_seq_length: int | None = None) -> Path:
     """Writes `config.json` + `model.safetensors` in the HF layout (plus
     `tokenizer.json`, and the sentence-transformers files for
     `BertForSentenceEmbedding`). `params` is the "params" collection (or the
-    variables dict holding it); `dtype` casts the saved tensors (default: as is)."""
+    variables dict holding it); `dtype` casts the saved tensors (default: as is);
+    `max_seq_length` is the sentence-transformers truncation length (default:
+    config.max_len; sentence models only)."""
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
     hf_config, layout = _export_spec(model)
+    if max_seq_length is not None and not isinstance(model, BertForSentenceEmbedding):
+        raise ValueError(f"max_seq_length={max_seq_length!r} applies to a sentence-transformers "
+                         f"pipeline (BertForSentenceEmbedding), not a {type(model).__name__}")
+    if isinstance(model, BertForSentenceEmbedding):  # checked before anything is written
+        max_seq_length = _sentence_max_length(model, max_seq_length)
     tensors = mapping.export_params(layout, flatten_dict(params, sep="/"), dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -257,7 +280,7 @@ def save_pretrained(directory, model: nn.Module, params, *, tokenizer=None, dtyp
         getattr(tokenizer, "backend", tokenizer).save(str(directory / "tokenizer.json"))
     if isinstance(model, BertForSentenceEmbedding):
         sentence.write_pipeline(directory, model.pooling, model.normalize, model.config.d_model,
-                                model.config.max_len)
+                                max_seq_length)
     if (directory / io.PICKLE).exists():
         warnings.warn(f"{directory / io.PICKLE} is left in place; {io.SAFETENSORS} takes precedence")
     return directory

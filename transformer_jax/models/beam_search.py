@@ -31,6 +31,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.models.generation_args import is_integer
+
 NEG = jnp.finfo(jnp.float32).min
 StepFn = Callable[[jnp.ndarray, Any], tuple[jnp.ndarray, Any]]
 
@@ -49,9 +51,9 @@ def length_penalty(length, alpha):
 
 def check_beam_args(beam_size, max_len, alpha) -> None:
     """ValueError naming the field for a bad beam size, length or length penalty."""
-    if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
+    if not is_integer(beam_size) or beam_size < 1:
         raise ValueError(f"beam_size={beam_size!r} must be an integer >= 1")
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+    if not is_integer(max_len) or max_len < 1:
         raise ValueError(f"max_new_tokens={max_len!r} must be an integer >= 1")
     # The early-stopping bound (module docstring) needs lp to grow with length.
     if not 0.0 <= float(alpha) < float("inf"):

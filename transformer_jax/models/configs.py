@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 
 from transformer_jax.attention import registry
+from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.config import ACTIVATIONS, TransformerConfig
+from transformer_jax.validation import boolean, is_int, known_fields, positive_int, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +25,11 @@ class BertConfig(TransformerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        # 0 is a BERT without segment embeddings (`Embeddings`: no token-type table).
+        require("type_vocab_size", is_int(self.type_vocab_size) and self.type_vocab_size >= 0,
+                self.type_vocab_size, "an int >= 0 (the number of segments; 0 = no segment "
+                "embeddings)")
+        boolean("embedding_norm", self.embedding_norm)
         # The MLM head's transform is one dense layer and an activation (Devlin et al.
         # 2018); SwiGLU needs two projections, which BERT checkpoints do not have.
         mlm_activations = tuple(a for a in ACTIVATIONS if a != "swiglu")
@@ -68,8 +75,7 @@ class EncoderDecoderConfig(TransformerConfig):
         # The decoder's self-attention is causal even though the encoder's is not.
         registry.validate(self.attention, causal=True, position=self.position,
                           attention_dropout=self.attention_dropout)
-        if not isinstance(self.num_decoder_layers, int) or self.num_decoder_layers <= 0:
-            raise ValueError(f"num_decoder_layers={self.num_decoder_layers!r} must be a positive integer")
+        positive_int("num_decoder_layers", self.num_decoder_layers)
 
     def decoder_config(self) -> "EncoderDecoderConfig":
         """This config with num_layers = num_decoder_layers: what the decoder stack reads."""
@@ -111,5 +117,9 @@ def get_config(name: str, **overrides) -> TransformerConfig:
     if name not in PRESETS:
         raise ValueError(f"model preset {name!r} is unknown; valid: {', '.join(PRESETS)}")
     cls, fields = PRESETS[name]
+    known_fields(cls, overrides, f"get_config({name!r})")
+    if isinstance(overrides.get("attention"), dict):   # replace() reads AttentionConfig fields
+        known_fields(AttentionConfig, overrides["attention"],
+                           f"get_config({name!r}, attention=)")
     config = cls(**fields)
     return config.replace(**overrides) if overrides else config

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.embeddings import check_ids
-from transformer_jax.models import sampling
+from transformer_jax.models import generation_args as checks, sampling
 
 
 class GenerateOutput(NamedTuple):
@@ -33,18 +32,22 @@ def init_cache(model, batch_size: int, cache_len: int):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
-def _check_inputs(config, prompts, lengths, max_new_tokens):
-    if prompts.ndim != 2 or prompts.shape[1] == 0:
-        raise ValueError(f"prompts must be [batch, prompt_len] with prompt_len >= 1, got shape {prompts.shape}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-    check_ids("prompts", prompts, config.vocab_size, f"vocab_size={config.vocab_size}")
-    if lengths.shape != (prompts.shape[0],) or lengths.min() < 1 or lengths.max() > prompts.shape[1]:
-        raise ValueError(f"prompt_lengths {lengths.tolist()} must be one per row, each in [1, {prompts.shape[1]}]")
-    total = prompts.shape[1] + max_new_tokens
+def _check_inputs(config, prompts, prompt_lengths, max_new_tokens):
+    """-> (prompts int32 `[batch, P]`, lengths int32 `[batch]`, max_new_tokens as an int)."""
+    prompts = checks.token_ids("prompts", prompts, "prompt_len", config.vocab_size)
+    max_new_tokens = checks.count("max_new_tokens", max_new_tokens)
+    batch, width = prompts.shape
+    lengths = np.full((batch,), width) if prompt_lengths is None else np.asarray(prompt_lengths)
+    # Checked in this order so that min() never meets an empty or non-numeric array.
+    if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer) \
+            or lengths.min() < 1 or lengths.max() > width:
+        raise ValueError(f"prompt_lengths={lengths.tolist()} must be one integer per row, "
+                         f"each in [1, {width}]")
+    total = width + max_new_tokens
     if total > config.max_len:
-        raise ValueError(f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
+        raise ValueError(f"prompt length {width} + max_new_tokens {max_new_tokens} = {total} "
                          f"exceeds the model's max_len={config.max_len}")
+    return prompts, lengths.astype(np.int32), max_new_tokens
 
 
 def generate(model, params, prompts, *, prompt_lengths=None, max_new_tokens: int = 32, rng=None,
@@ -59,19 +62,14 @@ def generate(model, params, prompts, *, prompt_lengths=None, max_new_tokens: int
     emits `eos_id` or has `max_new_tokens` new tokens; P + max_new_tokens must not
     exceed `config.max_len`. Returns `GenerateOutput(tokens [batch, P +
     max_new_tokens], lengths [batch])`, `pad_id` after each row's end."""
-    prompts = np.asarray(prompts)
-    lengths = np.full((prompts.shape[0],), prompts.shape[-1]) if prompt_lengths is None \
-        else np.asarray(prompt_lengths)
-    _check_inputs(model.config, prompts, lengths, max_new_tokens)
-    if not 0.0 <= float(temperature) < float("inf"):   # NaN fails too
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 "
-                         "(0 is greedy decoding)")
-    if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={model.config.vocab_size}]")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    vocab = model.config.vocab_size
+    prompts, lengths, max_new_tokens = _check_inputs(model.config, prompts, prompt_lengths,
+                                                     max_new_tokens)
+    eos_id = checks.token_id("eos_id", eos_id, vocab, optional=True)
+    pad_id = checks.token_id("pad_id", pad_id, vocab)
+    temperature, top_k, top_p = checks.sampling(temperature, top_k, top_p, vocab)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    return _generate(model, params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32),
+    return _generate(model, params, jnp.asarray(prompts), jnp.asarray(lengths),
                      rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
                      jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
                      max_new_tokens=max_new_tokens, prefill=int(lengths.min()),

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.attention.multihead import MEMORY_CACHE_KEYS
-from transformer_jax.embeddings import check_ids
-from transformer_jax.models import beam_search as beam_lib, sampling
+from transformer_jax.models import beam_search as beam_lib, generation_args as checks, sampling
 from transformer_jax.models.encoder_decoder import EncoderDecoder
 
 
@@ -43,13 +42,10 @@ class BeamOutput(NamedTuple):
 
 
 def _check_inputs(config, src_ids, src_mask, max_new_tokens, bos_id, eos_id, pad_id):
-    """-> (src_ids, src_mask) as numpy int32 / bool `[batch, S]`."""
-    src_ids = np.asarray(src_ids)
-    if src_ids.ndim != 2 or src_ids.shape[1] == 0:
-        raise ValueError(f"src_ids must be [batch, src_len] with src_len >= 1, got shape {src_ids.shape}")
-    if not np.issubdtype(src_ids.dtype, np.integer):
-        raise ValueError(f"src_ids must be integer token ids, got dtype {src_ids.dtype}")
-    check_ids("src_ids", src_ids, config.vocab_size, f"vocab_size={config.vocab_size}")
+    """-> (src_ids int32 `[batch, S]`, src_mask bool `[batch, S]`, max_new_tokens,
+    bos_id, eos_id, pad_id), the last four as Python ints (eos_id may be None)."""
+    vocab = config.vocab_size
+    src_ids = checks.token_ids("src_ids", src_ids, "src_len", vocab)
     src_mask = np.ones(src_ids.shape, bool) if src_mask is None else np.asarray(src_mask)
     if src_mask.shape != src_ids.shape:
         raise ValueError(f"src_mask has shape {src_mask.shape} but src_ids has {src_ids.shape}")
@@ -57,15 +53,13 @@ def _check_inputs(config, src_ids, src_mask, max_new_tokens, bos_id, eos_id, pad
     if not src_mask.any(-1).all():
         raise ValueError(f"src_mask rows {np.flatnonzero(~src_mask.any(-1)).tolist()} have no "
                          "real token; every source needs at least one")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    max_new_tokens = checks.count("max_new_tokens", max_new_tokens)
     if max_new_tokens > config.max_len:   # the decoder reads BOS + max_new_tokens - 1 tokens
         raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_len={config.max_len}")
-    for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
-        if value is not None:
-            check_ids(name, np.asarray(value), config.vocab_size, f"vocab_size={config.vocab_size}")
-    return src_ids.astype(np.int32), src_mask
+    return (src_ids, src_mask, max_new_tokens, checks.token_id("bos_id", bos_id, vocab),
+            checks.token_id("eos_id", eos_id, vocab, optional=True),
+            checks.token_id("pad_id", pad_id, vocab))
 
 
 def init_decode_cache(model: EncoderDecoder, batch_size: int, src_len: int, max_new_tokens: int):
@@ -121,14 +115,9 @@ def generate_seq2seq(model: EncoderDecoder, params, src_ids, src_mask=None, *, m
     `max_new_tokens` tokens. Returns `Seq2SeqOutput(tokens [batch, max_new_tokens],
     lengths [batch])`, `pad_id` after each row's end."""
     cfg = model.config
-    src_ids, src_mask = _check_inputs(cfg, src_ids, src_mask, max_new_tokens, bos_id, eos_id, pad_id)
-    if not 0.0 <= float(temperature) < float("inf"):   # NaN fails too
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 "
-                         "(0 is greedy decoding)")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={cfg.vocab_size}]")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    src_ids, src_mask, max_new_tokens, bos_id, eos_id, pad_id = _check_inputs(
+        cfg, src_ids, src_mask, max_new_tokens, bos_id, eos_id, pad_id)
+    temperature, top_k, top_p = checks.sampling(temperature, top_k, top_p, cfg.vocab_size)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     return _generate(model, params, jnp.asarray(src_ids), jnp.asarray(src_mask), rng,
                      jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p or 1.0),
@@ -177,13 +166,14 @@ def beam_search_seq2seq(model: EncoderDecoder, params, src_ids, src_mask=None, *
     `BeamOutput(tokens [batch, max_new_tokens], lengths [batch], scores [batch],
     beams)` where `beams` holds all `[batch, beam_size, ...]` finished hypotheses."""
     cfg = model.config
-    src_ids, src_mask = _check_inputs(cfg, src_ids, src_mask, max_new_tokens, bos_id, eos_id, pad_id)
+    src_ids, src_mask, max_new_tokens, bos_id, eos_id, pad_id = _check_inputs(
+        cfg, src_ids, src_mask, max_new_tokens, bos_id, eos_id, pad_id)
     if eos_id is None:
         raise ValueError("beam search needs an eos_id")
     beam_lib.check_beam_args(beam_size, max_new_tokens, length_penalty)
     beams = _beam_search(model, params, jnp.asarray(src_ids), jnp.asarray(src_mask),
-                         beam_size=beam_size, max_new_tokens=max_new_tokens, bos_id=int(bos_id),
-                         eos_id=int(eos_id), alpha=float(length_penalty), pad_id=int(pad_id))
+                         beam_size=int(beam_size), max_new_tokens=max_new_tokens, bos_id=bos_id,
+                         eos_id=eos_id, alpha=float(length_penalty), pad_id=pad_id)
     return BeamOutput(beams.tokens[:, 0], beams.lengths[:, 0], beams.scores[:, 0], beams)
 
 

@@ -20,6 +20,7 @@ def _run_config(args):
     out = given.get("out_dir", RunConfig().out_dir)
     saved, step = saved_run(out)
     run = RunConfig.resumed(saved, given)
+    _check_stop_at(run, out, step)
     changed = [f"--{k.replace('_', '-')} {v!r}" for k, v in given.items()
                if k not in ("resume", "out_dir", "allow_change") and getattr(saved, k) != v]
     status = _saved_status(out)
@@ -30,6 +31,19 @@ def _run_config(args):
                  "last good checkpoint" + ("" if changed else
                                            " (unchanged settings diverge again; see --allow-change)"))
     return run, note
+
+
+def _check_stop_at(run, out, step: int) -> None:
+    """A resumed run's --stop-at must lie after its checkpoint (`step` micro-steps, as
+    the loop counts them): at or before it, nothing would be trained."""
+    if run.stop_at is None or run.stop_at * run.accumulation > step:
+        return
+    done = step // run.accumulation
+    valid = (f"give --stop-at between {done + 1} and {run.steps}, or leave it out to continue "
+             "to --steps" if done < run.steps else
+             "it has done all its --steps; to train further, raise --steps with --allow-change steps")
+    raise ValueError(f"--stop-at {run.stop_at} is not valid with --resume: {out} is already at "
+                     f"update {done} of --steps {run.steps}; {valid}")
 
 
 def _saved_status(out) -> dict:

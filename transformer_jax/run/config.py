@@ -61,8 +61,10 @@ class RunConfig:
     optimisation, checkpoints, parallelism. Frozen; validated on construction."""
     model: str = _setting("gpt-tiny", "preset name (see `info`)")
     task: str = _setting("lm", "what to train: {tasks}")
-    data: str | None = _setting(None, "text file/dir, hf:NAME, or stdlib:local (this Python's "
-                                "stdlib); none: the embedded stdlib snapshot", type=str)
+    data: str | None = _setting(None, "a .txt file (a document per paragraph), a directory of "
+                                ".txt files (a document per file), hf:NAME (needs the datasets "
+                                "package), or stdlib:local (this Python's stdlib); none: the "
+                                "embedded stdlib snapshot", type=str)
     max_documents: int | None = _setting(None, "cap the corpus (quick runs)", type=int)
     # Fine-tuning (classify, tag): --data is the labeled training file.
     eval_data: str | None = _setting(None, "classify/tag: the labeled evaluation file (.jsonl or "
@@ -131,6 +133,7 @@ class RunConfig:
             _check("model", False, self.model,
                    f"task {self.task!r} needs a {' or '.join(f.config_cls.__name__ for f in able)} "
                    f"preset ({', '.join(n for f in able for n in families.presets_of(f.config_cls))})")
+        _check_hf_data(self.data)
         if TASKS[self.task].with_labels is not None:   # fine-tuning: labeled files
             for name in ("data", "eval_data"):
                 _check(name, isinstance(getattr(self, name), str), getattr(self, name),
@@ -148,8 +151,10 @@ class RunConfig:
             if getattr(self, name) is not None:
                 _pos_int(name, getattr(self, name))
         _check("seq_len", self.seq_len >= 8, self.seq_len, "must be at least 8")
-        _check("lr", isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
-               self.lr, "must be a positive finite number")
+        _check("stop_at", self.stop_at is None or self.stop_at <= self.steps, self.stop_at,
+               f"--stop-at must be at most --steps {self.steps}: the run stops there anyway "
+               "(--stop-at ends it early, and --resume continues to --steps)")
+        _check("lr", _positive_finite(self.lr), self.lr, "must be a positive finite number")
         _check("warmup", isinstance(self.warmup, int) and 0 <= self.warmup < self.steps,
                self.warmup, f"must be an integer in [0, steps={self.steps}): the schedule warms up "
                "for --warmup updates, then decays until --steps; lower --warmup or raise --steps")
@@ -164,8 +169,8 @@ class RunConfig:
         _check("clip_norm", self.clip_norm is None or self.clip_norm > 0, self.clip_norm,
                "must be > 0 (or None for no clipping)")
         _check("seed", isinstance(self.seed, int) and self.seed >= 0, self.seed, "must be an integer >= 0")
-        _check("peak_tflops", self.peak_tflops is None or self.peak_tflops > 0, self.peak_tflops,
-               "must be > 0")
+        _check("peak_tflops", self.peak_tflops is None or _positive_finite(self.peak_tflops),
+               self.peak_tflops, "must be a positive finite number (TFLOP/s), or none to measure it")
         _check("parallel", self.parallel in PARALLEL_MODES, self.parallel,
                f"one of {', '.join(PARALLEL_MODES)}")
         _check("mesh", self.mesh is None or self.parallel in ("shard", "auto"), self.mesh,
@@ -214,6 +219,25 @@ class RunConfig:
         if refused:   # before building, so --task mlm on a GPT run is named as such
             raise ValueError(_refusal(saved, refused, d["out_dir"]))
         return cls.from_dict(d)
+
+
+def _positive_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value > 0
+
+
+def _check_hf_data(data) -> None:
+    """--data hf:NAME needs a name and the optional `datasets` package, checked here
+    rather than as an ImportError once the run has started."""
+    if not (isinstance(data, str) and data.startswith("hf:")):
+        return
+    _check("data", data[3:].strip() != "", data, "--data hf:NAME needs a dataset name, e.g. "
+           "hf:wikitext")
+    import importlib.util
+    _check("data", importlib.util.find_spec("datasets") is not None, data,
+           "--data hf:NAME needs the optional 'datasets' package, which is not installed (pip "
+           "install 'transformer-jax[datasets]'); or give a .txt file or directory, or leave "
+           "--data out for the embedded corpus")
 
 
 def _comparable(value):

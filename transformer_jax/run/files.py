@@ -53,18 +53,39 @@ class MetricsLog:
             f.write(dumps(record) + "\n")
 
     def read(self) -> list[dict]:
-        """Every record, in order ([] without a file)."""
+        """Every record, in order ([] without a file), less a partial last line (see
+        `_parse`)."""
+        return self._parse()[0]
+
+    def _parse(self) -> tuple[list[dict], bool]:
+        """(records, whether a partial last line was dropped). A process killed while
+        writing leaves its last line cut short: that record was never complete, so it
+        is dropped. Any other line that is not JSON is damage: ValueError naming the
+        file and line."""
         if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            return [], False
+        lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), 1)
+                 if line.strip()]
+        records = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1:
+                    return records, True
+                raise ValueError(f"{self.path}:{n}: not valid JSON ({e.msg}); each line of "
+                                 "metrics.jsonl is one record (a damaged file: delete or repair "
+                                 "that line)") from None
+        return records, False
 
     def truncate(self, step: int) -> int:
         """Keep what a run resumed at `step` (its checkpoint) has already done: records
-        up to `step`, less the final evaluation of the session that stopped there.
-        Returns how many records were dropped; the file is replaced atomically."""
-        records = self.read()
+        up to `step`, less the final evaluation of the session that stopped there (and
+        a partial last line). Returns how many records were dropped; the file is
+        replaced atomically."""
+        records, partial = self._parse()
         kept = [r for r in records if r["step"] <= step and r.get("kind") != "final_eval"]
-        if len(kept) != len(records):
+        if partial or len(kept) != len(records):
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
             os.replace(tmp, self.path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformer_jax.data import Corpus, Tokenizer, train_tokenizer
-from transformer_jax.data.labeled import LabelSet, make_labeled_datasets, read_labeled, read_rows
+from transformer_jax.data.labeled import LabelSet, labeled_datasets, read_labeled, read_rows
 from transformer_jax.run.files import input_lines
 from transformer_jax.models import registry
 from transformer_jax.training.tasks import TASKS, get_task
@@ -52,11 +52,14 @@ def datasets(run, out: Path, tokenizer: Tokenizer | None):
     labels = None
     if run.resume and (out / LABELS_FILE).is_file():
         labels = LabelSet.load(out / LABELS_FILE)
+    names = f"--data {str(run.data)!r}", f"--eval-data {str(run.eval_data)!r}"
+    examples = read_labeled(run.data, run.task, names[0])
+    evals = read_labeled(run.eval_data, run.task, names[1])
     if tokenizer is None:
-        corpus = Corpus(_texts(read_labeled(run.data, run.task)), source=str(run.data))
+        corpus = Corpus(_texts(examples), source=str(run.data))
         tokenizer = train_tokenizer(corpus, "wordpiece", run.vocab_size)
-    train, valid, labels = make_labeled_datasets(run.task, run.data, run.eval_data, tokenizer,
-                                                 run.seq_len, labels=labels)
+    train, valid, labels = labeled_datasets(run.task, examples, evals, tokenizer, run.seq_len,
+                                            labels=labels, sources=names)
     return tokenizer, train, valid, labels
 
 
@@ -74,23 +77,27 @@ def load_labels(run_dir) -> LabelSet:
     return LabelSet.load(path)
 
 
-def _predict_inputs(args, task_name: str) -> list[dict]:
-    """Records to label: --text (+ --text-pair) or --input-file (.jsonl records with the
-    training fields, or plain lines: a text, or whitespace-separated words for tag)."""
+def _predict_inputs(args) -> list[tuple[int | None, dict]]:
+    """(line, record) pairs to label, read before the checkpoint is: --text (+
+    --text-pair) or --input-file's plain lines (a text, or whitespace-separated words
+    for tag), line None; or --input-file's .jsonl records with the training fields,
+    their line numbers (`_records` checks the fields once the task is known)."""
     if args.input_file is None:
         if not args.text:
             raise ValueError("predict needs --text (repeatable) or --input-file")
-        return [{"text": t, "text_pair": args.text_pair} for t in args.text]
+        return [(None, {"text": t, "text_pair": args.text_pair}) for t in args.text]
     path = Path(args.input_file)
     if path.suffix not in (".jsonl", ".json"):
-        return [{"text": line} for line in input_lines(path)]
+        return [(None, {"text": line}) for line in input_lines(path)]
+    return read_rows(path, f"--input-file {str(path)!r}")   # a JSON object a line
+
+
+def _records(rows, task_name: str, path) -> list[dict]:
     field = "tokens" if task_name == "tag" else "text"
-    records = []
-    for line, record in read_rows(path):   # a JSON object a line, or the line named
-        if field not in record:
-            raise ValueError(f"{path}:{line}: record has no field {field!r}")
-        records.append(record)
-    return records
+    for line, record in rows:
+        if line is not None and field not in record:
+            raise ValueError(f"--input-file {str(path)!r}:{line}: record has no field {field!r}")
+    return [record for _, record in rows]
 
 
 def predict(args) -> list[dict]:
@@ -98,12 +105,13 @@ def predict(args) -> list[dict]:
     the tag of each word, from a fine-tuned run directory."""
     from transformer_jax.run.loading import load_run
     from transformer_jax.training.finetune import predict_labels, predict_tags
+    rows = _predict_inputs(args)
     config, params, tokenizer, run = load_run(args.model)
     if not is_finetune(run.task):
         raise ValueError(f"--model {args.model!r} is a {run.task} run; predict needs a "
                          f"fine-tuned run ({', '.join(n for n in TASKS if is_finetune(n))})")
     labels = load_labels(args.model)
-    records = _predict_inputs(args, run.task)
+    records = _records(rows, run.task, args.input_file)
     if run.task == "tag":
         words = [r["tokens"] if "tokens" in r else r["text"].split() for r in records]
         tags = predict_tags(params, config, tokenizer, labels, words, max_len=run.seq_len)

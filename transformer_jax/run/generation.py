@@ -4,6 +4,7 @@ line of output per input line."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -53,7 +54,14 @@ def gpt(args, config, params, tokenizer) -> list[str]:
                          "models; a GPT samples (--temperature 0 = greedy)")
     params = params.get("gpt", params) if isinstance(params, dict) else params
     texts = []
-    for ids in _encode(tokenizer, inputs(args)):
+    for i, ids in enumerate(_encode(tokenizer, inputs(args))):
+        if len(ids) + args.max_new_tokens > config.max_len:
+            where = "--prompt" if args.input_file is None else f"--input-file line {i + 1}"
+            room = config.max_len - len(ids)
+            raise ValueError(f"{where} encodes to {len(ids)} tokens; with --max-new-tokens "
+                             f"{args.max_new_tokens} that exceeds the model's max_len="
+                             f"{config.max_len}: " + (f"use --max-new-tokens {room} or fewer"
+                                                      if room > 0 else "shorten the prompt"))
         out = generate(GPT(config), params, np.asarray([ids]), max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        eos_id=tokenizer.eos_id, rng=jax.random.PRNGKey(args.seed))
@@ -66,7 +74,13 @@ def seq2seq(args, config, params, tokenizer) -> list[str]:
     --beam-size > 1, else greedy (--temperature 0) or sampling."""
     import jax
     from transformer_jax.models import EncoderDecoder, beam_search_seq2seq, generate_seq2seq
-    encoded = [ids[:config.max_len] for ids in _encode(tokenizer, inputs(args))]
+    encoded = _encode(tokenizer, inputs(args))
+    long = [i + 1 for i, ids in enumerate(encoded) if len(ids) > config.max_len]
+    if long:   # as a translation system truncates its source: said, not silent
+        print(f"note: {len(long)} input(s) (first: line {long[0]}) are longer than the model's "
+              f"max_len={config.max_len} tokens; only their first {config.max_len} are read",
+              file=sys.stderr)
+    encoded = [ids[:config.max_len] for ids in encoded]
     width = max(len(e) for e in encoded)
     src = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(encoded), width), bool)
@@ -75,6 +89,9 @@ def seq2seq(args, config, params, tokenizer) -> list[str]:
     model, ids = EncoderDecoder(config), dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                                               pad_id=tokenizer.pad_id)
     steps = min(args.max_new_tokens, config.max_len)
+    if steps < args.max_new_tokens:
+        print(f"note: --max-new-tokens {args.max_new_tokens} is capped at the model's "
+              f"max_len={config.max_len}", file=sys.stderr)
     if args.beam_size > 1:
         out = beam_search_seq2seq(model, params, src, mask, beam_size=args.beam_size,
                                   max_new_tokens=steps, length_penalty=args.length_penalty, **ids)

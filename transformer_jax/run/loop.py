@@ -203,6 +203,16 @@ def _last_good(state, good_step: int, loop) -> object:
     return state
 
 
+def _monitor_at(log: MetricsLog, step: int) -> dict:
+    """The divergence monitor's state as of `step`, replayed from the logged train
+    records: the checkpoint of a diverged run is older than the monitor's last update."""
+    monitor = DivergenceMonitor()
+    for record in log.read():
+        if record.get("kind") == "train" and record["step"] <= step:
+            monitor.update(record["step"], record)
+    return {**monitor.state_dict(), "diverged_at": None}
+
+
 def train(run: RunConfig, *, progress: bool = True) -> dict:
     """Runs (or resumes) training; returns the summary record also written to
     `summary.json`. Divergence and interruption end the run cleanly, never raise.
@@ -258,7 +268,8 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
                                  (eval_fn, valid_ds, flops_per_token, peak, progress))
         if summary["status"] == "completed" and step < run.steps * run.accumulation:
             summary["status"] = "stopped"
-        monitor_state = {**monitor.state_dict(), "diverged_at": None}   # as of the saved step
+        monitor_state = getattr(loop, "monitor_state", None) or \
+            {**monitor.state_dict(), "diverged_at": None}   # as of the saved step
         _save(ckpt, host(state), config, run, loop.iterator, monitor_state, force=True)
     if not run.peak_tflops:
         peaks.append(_peak_flops(run))
@@ -290,7 +301,13 @@ def _run_steps(state, step, loop, task, monitor, log, summary, stop, extra):
             tic, tokens, pending = time.perf_counter(), 0, []
             if diverged is not None:
                 summary.update(status="diverged", diverged_at=diverged)
-                state, step = _last_good(state, diverged - 1, loop), diverged - 1
+                # Step k's loss and gradient are those of the parameters after step
+                # k - 1, whatever the settings: resuming there diverges again even at
+                # a lower --lr. The state kept is the one before that update.
+                good = max(diverged - 2, 0)
+                loop.ckpt.delete_after(good)
+                state, step = _last_good(state, good, loop), good
+                loop.monitor_state = _monitor_at(log, good)
                 break
         if stop.requested:
             summary["status"] = "interrupted"

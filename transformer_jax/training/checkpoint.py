@@ -110,6 +110,14 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def delete_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints newer than `step` (a diverged run's, which hold the
+        update that led to the divergence); returns their steps."""
+        newer = [s for s in self.all_steps() if s > step]
+        for s in newer:
+            self._manager.delete(s)
+        return newer
+
     def save(self, step: int, state, *, config: TransformerConfig | None = None,
              metadata: Mapping[str, Any] | None = None, force: bool = False) -> bool:
         """Save `state` as `step` if the interval says so (or `force`). Returns whether it

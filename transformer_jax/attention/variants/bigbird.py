@@ -77,9 +77,10 @@ def block_layout(n: int, block: int, num_heads: int, *, num_window: int, num_glo
     w_idx, w_raw = blocks.offset_blocks(nb, window_offsets(num_window, causal))
     w_ok = (w_raw >= 0) & (w_raw < nb) & ~np.isin(w_raw, glob)
     g_idx = np.broadcast_to(np.asarray(glob, int), (1, nb, len(glob)))
-    r_idx = random_blocks(nb, num_heads, num_window=num_window, num_global=num_global,
-                          num_random=num_random, seed=seed, causal=causal)
+    # Without random blocks every head has the same pattern: one layout row serves all.
     heads = num_heads if num_random else 1
+    r_idx = random_blocks(nb, heads, num_window=num_window, num_global=num_global,
+                          num_random=num_random, seed=seed, causal=causal)
     parts = [np.broadcast_to(x, (heads, nb, x.shape[-1])) for x in (w_idx, g_idx, r_idx)]
     oks = [np.broadcast_to(x, (heads, nb, x.shape[-1]))
            for x in (w_ok, np.ones(g_idx.shape, bool), r_idx >= 0)]

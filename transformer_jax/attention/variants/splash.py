@@ -213,7 +213,7 @@ def applies(q, k, *, mask, bias, causal, dropout_rate, deterministic) -> bool:
     One device, because a Pallas kernel is not partitioned automatically under a
     sharded `jit` (jax-ml/jax#19748: XLA replicates its inputs); kind="splash" still runs."""
     del causal  # both masks are static splash masks
-    padding_only = masks_lib.is_key_only(mask) and (mask is None or mask.shape[-3] == 1)
+    padding_only = masks_lib.is_key_padding(mask)
     return (jax.default_backend() == "tpu" and jax.device_count() == 1
             and shape_problem(q.shape[-3], k.shape[-3]) is None
             and bias is None and (deterministic or not dropout_rate) and padding_only)
