@@ -7,7 +7,9 @@ that builds the stacks:
   convert to and from the unrolled `layer_0 ... layer_{L-1}` tree);
 - `training.metrics.grouped_norms` finds the stacked layers by these names to
   report one gradient/update norm per layer, as in the unrolled tree;
-- HF import/export maps the unrolled tree, and names a scanned one in its errors.
+- HF import/export maps the unrolled tree, and names a scanned one in its errors;
+- Performer's random features are seeded from a module's path without its layer
+  (`layer_<i>` or these two names), so that both layouts draw the same ones.
 Renaming either breaks saved checkpoints and per-layer metrics.
 """
 

@@ -447,8 +447,7 @@ def make_labeled_datasets(task: str, train_path: str | os.PathLike,
 
     The label set is read from the training file unless `labels` is given (a saved
     one, to continue a run); eval labels outside it are an error."""
-    _check_task(task)
-    train = read_labeled(train_path, task)
+    train = read_labeled(train_path, task)   # checks the task
     evals = None if eval_path is None else read_labeled(eval_path, task)
     return labeled_datasets(task, train, evals, tokenizer, max_len, labels=labels,
                             model_vocab_size=model_vocab_size,

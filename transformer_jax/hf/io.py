@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transformer_jax.validation import is_int
+
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE = "pytorch_model.bin"
@@ -54,7 +56,7 @@ def _json_type(value) -> str:
 
 def _is_count(value) -> bool:
     """A JSON integer >= 0 (true/false are not counts)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _check_entry(path: Path, name: str, entry) -> None:

@@ -126,7 +126,7 @@ def causal_favor_attention(fq, logits_k, v, *, valid_k=None, chunk: int = 64):
     c = min(chunk, n)
     fqb, ekb, vb = (blocks.to_blocks(x, c, axis=1) for x in (fq, ek, v))  # [B, nc, c, H, .]
     mb = blocks.to_blocks(run_max, c, axis=1, value=common.NEG)             # [B, nc, c, H]
-    mb = jnp.maximum(mb, jax.lax.cummax(mb, axis=2))  # padded tail keeps the chunk's max
+    mb = jax.lax.cummax(mb, axis=2)   # already non-decreasing; the padded tail keeps the max
     mq, mk = jnp.swapaxes(mb, 2, 3)[..., :, None], jnp.swapaxes(mb, 2, 3)[..., None, :]
     tril = jnp.tril(jnp.ones((c, c), bool))
     scale = jnp.exp(jnp.where(tril, mk - mq, common.NEG))                   # [B, nc, H, q, k]
