@@ -122,6 +122,11 @@ def test_divergent_run_is_recorded_and_process_continues(tmp_path):
     (["train", "--lr", "-1"], "lr=-1.0 is not valid"),
     (["train", "--warmup", "500", "--steps", "10"], r"warmup=500 is not valid.*\[0, steps=10\)"),
     (["train", "--schedule", "zigzag"], "schedule='zigzag' is not valid"),
+    (["train", "--schedule", "drop"], r"drop_step=None is not valid: --schedule drop needs "
+                                      r"--drop-step in \(20, 200\]"),
+    (["train", "--schedule", "drop", "--drop-step", "20"], r"drop_step=20 is not valid"),
+    (["train", "--drop-step", "50"], r"only --schedule drop uses --drop-step \(got --schedule "
+                                     r"cosine\)"),
     (["generate", "--model", "/nonexistent/dir"], "neither a run directory"),
 ])
 def test_bad_cli_values(argv, match, capsys):
@@ -448,6 +453,25 @@ def test_hf_data_without_the_datasets_package_is_a_usage_error(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "--data hf:NAME needs the optional 'datasets' package" in err, err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_hf_data_offline_is_one_line_naming_the_offline_default(tmp_path, capsys, monkeypatch):
+    """With `datasets` installed but no network, --data hf:NAME fails where the corpus
+    loads: one line with the dataset's name and the offline default, no traceback."""
+    import importlib.machinery
+    import types
+    fake = types.ModuleType("datasets")
+    fake.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub")
+    fake.load_dataset = offline
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    assert main(["train", "--data", "hf:wikitext", "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load Hugging Face dataset 'wikitext'" in err and "offline" in err, err
+    assert "leave out --data" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_help_shows_defaults(capsys):

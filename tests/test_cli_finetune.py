@@ -91,8 +91,15 @@ def test_tag_learns_entities_and_predicts_words(tmp_path, capsys):
     assert metrics["accuracy"] > 0.9 and metrics["entity_f1"] > 0.8, metrics
     inputs = _write(tmp_path / "in.jsonl", [{"tokens": ["def", "alpha", "(", "beta", ")"]}])
     assert main(["predict", "--model", str(tmp_path / "tag"), "--input-file", str(inputs)]) == 0
-    row = json.loads(capsys.readouterr().out)
-    assert row["tags"] == ["B-KW", "B-NAME", "O", "B-NAME", "O"]
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tags"] == ["B-KW", "B-NAME", "O", "B-NAME", "O"] and not err
+    # Longer than the run's --seq-len 24: every word gets a tag, and the cut is said.
+    words = (["def", "alpha", "(", "beta", ")"] * 6)[:28]
+    long = _write(tmp_path / "long.jsonl", [{"tokens": words}])
+    assert main(["predict", "--model", str(tmp_path / "tag"), "--input-file", str(long)]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["tags"]) == 28
+    assert "note: 1 input(s) (first: number 1) have more than 22 word pieces" in err, err
 
 
 @pytest.mark.slow

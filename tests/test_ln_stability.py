@@ -143,8 +143,8 @@ def test_vmapped_runs_equal_one_by_one(micro, device_runs):
     warm-up) and 2 (lr 1e-2, warm-up 4) of a vmapped group redone one by one."""
     checks = [json.loads(line) for line in _lines(micro / records.CHECKS)]
     assert checks and all(c["passed"] and c["max_abs_diff_train_loss"] <= 1e-4 for c in checks)
-    assert device_runs["runs"] == ["lm/post/lr0.001/wu0/s0", "lm/post/lr0.001/wu0/s1",
-                                   "lm/post/lr0.01/wu4/s1"]
+    assert device_runs["runs"] == ["lm/post/lr0.001/wu0-linear/s0", "lm/post/lr0.001/wu0-linear/s1",
+                                   "lm/post/lr0.01/wu4-linear/s1"]
     batched = {k: np.asarray(v) for k, v in device_runs["alone"].items()}
     for single, i in zip(device_runs["single"], (0, 2)):
         np.testing.assert_allclose(single["train"][0], batched["train"][i], atol=1e-4)
@@ -170,20 +170,34 @@ def test_shadowed_runs_follow_their_own_vmapped_run(device_runs):
 
 
 def test_learning_rate_is_the_library_schedule_in_closed_form():
-    """Per-run (traced) peak and warm-up: linear warm-up step / warmup, then linear
-    decay to 0 at `total` or the inverse square root sqrt(warmup / step)."""
+    """Per-run (traced) peak, warm-up and decay: linear warm-up step / warmup, then
+    linear decay to 0 at `steps`, the inverse square root sqrt(warmup / step), or
+    Xiong et al.'s pre-LN schedule: constant, x0.1 from drop_step."""
+    from experiments.ln.presets import Sweep
     steps = np.arange(12)
-    got = np.asarray(learning_rate(steps, 1e-2, 4.0, 12, "linear"))
+    linear = Sweep("lm", warmups=(4,), steps=12, eval_every=4)
+    got = np.asarray(learning_rate(steps, {"peak_lr": 1e-2, "warmup": 4.0}, linear))
     want = [1e-2 * min(1, s / 4) * min(1, (12 - s) / 8) for s in steps]
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    got = np.asarray(learning_rate(steps, 2e-3, 4.0, 12, "rsqrt"))
-    want = [2e-3 * (s / 4 if s < 4 else math.sqrt(4 / s)) for s in steps]
+    arms = Sweep("seq2seq", warmups=(0, 5), steps=12, eval_every=4, decay="rsqrt",
+                 extra_arms=((0, "drop"), (2, "drop")), drop_step=7)
+    assert arms.arms == ((0, "rsqrt"), (5, "rsqrt"), (0, "drop"), (2, "drop"))
+    runs = [(1e-3, 0, "rsqrt"), (1e-2, 5, "rsqrt"), (2e-3, 0, "drop"), (1e-3, 2, "drop")]
+    hp = {"peak_lr": jnp.array([p for p, _, _ in runs]), "warmup": jnp.array(
+        [float(w) for _, w, _ in runs]), "decay": jnp.array([arms.decays.index(d)
+                                                              for _, _, d in runs])}
+    got = np.asarray(jax.vmap(lambda h: learning_rate(jnp.asarray(steps), h, arms))(hp))
+
+    def closed(peak, w, decay, s):
+        if s < w:
+            return peak * s / w
+        if decay == "rsqrt":
+            return peak * math.sqrt(max(w, 1) / max(s, w, 1))
+        return peak * (0.1 if s >= 7 else 1.0)
+    want = [[closed(*run, s) for s in steps] for run in runs]
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_allclose(learning_rate(steps, 1e-2, 0.0, 12, "constant"), 1e-2)
-    peaks, warmups = np.array([1e-3, 1e-2]), np.array([0.0, 5.0])   # two runs at once
-    got = np.asarray(jax.vmap(lambda p, w: learning_rate(jnp.asarray(3), p, w, 12, "rsqrt"))(
-        peaks, warmups))
-    np.testing.assert_allclose(got, [1e-3 / math.sqrt(3), 1e-2 * 3 / 5], rtol=1e-6)
+    assert [s.run_id for s in group_specs(arms, "pre")][:2] == [
+        "seq2seq/pre/lr0.001/wu0-rsqrt/s0", "seq2seq/pre/lr0.001/wu0-rsqrt/s1"]
 
 
 def test_divergence_and_spikes_on_handmade_curves():
@@ -276,11 +290,11 @@ def test_bad_names_raise_value_errors():
     with pytest.raises(ValueError, match="placement='mid'"):
         model_config(PRESET, "lm", "mid", 2, PRESET.sweeps[0].width)
     with pytest.raises(ValueError, match="batched=False"):
-        run_group(None, [RunSpec("lm", "pre", 1e-3, 0, 0)] * 2, PRESET.sweeps[0], {}, {},
+        run_group(None, [RunSpec("lm", "pre", 1e-3, 0, 0, "linear")] * 2, PRESET.sweeps[0], {}, {},
                   batched=False)
     with pytest.raises(ValueError, match=r"shadow=\[1\] needs batched=True and indices in "
                                           r"\[0, 1\)"):
-        run_group(None, [RunSpec("lm", "pre", 1e-3, 0, 0)], PRESET.sweeps[0], {}, {},
+        run_group(None, [RunSpec("lm", "pre", 1e-3, 0, 0, "linear")], PRESET.sweeps[0], {}, {},
                   shadow=[1])
     from experiments.ln.presets import Sweep
     with pytest.raises(ValueError, match=r"bleu_batches=1 .*task='mlm'"):
@@ -289,9 +303,10 @@ def test_bad_names_raise_value_errors():
         Sweep("seq2seq", eval_batches=4, bleu_batches=5)
 
 
-def _run(placement, lr, warmup, seed, curve, escaped=True, diverged_at=None, task="lm"):
+def _run(placement, lr, warmup, seed, curve, escaped=True, diverged_at=None, task="lm",
+         decay="rsqrt"):
     return {"task": task, "placement": placement, "peak_lr": lr, "warmup": warmup, "seed": seed,
-            "run_id": f"{task}/{placement}/lr{lr:g}/wu{warmup}/s{seed}",
+            "decay": decay, "run_id": f"{task}/{placement}/lr{lr:g}/wu{warmup}-{decay}/s{seed}",
             "final_val_loss": curve[-1], "val_loss": list(curve),
             "val_steps": [10 * i for i in range(len(curve))], "escaped_plateau": escaped,
             "diverged": diverged_at is not None, "diverged_at": diverged_at,
@@ -328,11 +343,45 @@ def test_warmup_and_speed_verdicts_on_synthetic_records():
             for r in _grid(stuck, fast, task="mlm")]
     claim = verdicts.claim3(runs)
     assert claim.status == verdicts.INCONCLUSIVE
-    assert "mlm/pre/lr0.001/wu0/s0" in claim.evidence[0]
+    assert "mlm/pre/lr0.001/wu0-rsqrt/s0" in claim.evidence[0]
     # Translation decides claim 2 when present; LM is reported beside it.
     both = _grid(stuck, fast, task="seq2seq") + _grid(([6.0, 5.5, 5.0, 4.5],), slow)
     claim_a, _ = verdicts.claim2(both)
     assert claim_a.status == verdicts.SUPPORTED and "GPT (LM): refuted" in claim_a.evidence[0]
+
+
+def test_paper_schedule_arm_and_its_same_schedule_control():
+    """Pre-LN on the paper's own schedule ("drop": no warm-up, constant, x0.1 later)
+    decides 2b as the paper frames it, and post-LN on that same setting is the control:
+    2a holds only if pre-LN beats post-LN there (or under rsqrt) without warm-up."""
+    stuck = [6.0, 5.4, 5.3, 5.3]
+    fast = [6.0, 4.9, 4.4, 4.3]                            # reaches 4.5 at step 20
+
+    def grid(post_on_drop, diverged_at=None):
+        # rsqrt from the first update: both placements stay on the plateau without warm-up
+        runs = [{**r, "escaped_plateau": False} if r["warmup"] == 0 else r
+                for r in _grid((stuck, False), stuck, task="seq2seq")]
+        for lr in (1e-3, 3e-3):
+            for s in (0, 1):
+                runs.append(_run("pre", lr, 0, s, fast, task="seq2seq", decay="drop"))
+                runs.append(_run("post", lr, 0, s, post_on_drop, task="seq2seq", decay="drop",
+                                 escaped=post_on_drop[-1] < 5.2, diverged_at=diverged_at))
+        return runs
+    # Post-LN fails on the constant schedule without warm-up: both claims hold.
+    claim_a, claim_b = verdicts.claim2(grid([6.0, 7.5, 8.0, 9.0], diverged_at=10))
+    text_a, text_b = " ".join(claim_a.evidence), " ".join(claim_b.evidence)
+    assert claim_a.status == verdicts.SUPPORTED, text_a
+    assert "no warm-up, drop: post-LN diverged 2/2" in text_a and "-> pre-LN better" in text_a
+    assert "lr 0.001, no warm-up, rsqrt: post-LN diverged 0/2, stayed on the unigram" in text_a
+    assert "-> pre-LN fails too" in text_a
+    assert claim_b.status == verdicts.SUPPORTED and "seq2seq/pre/lr0.001/wu0-drop" in text_b
+    assert "control: post-LN on that setting (seq2seq/post/lr0.001/wu0-drop)" in text_b
+    # Post-LN trains as well on that schedule: not the placement, so 2a is refuted,
+    # while 2b (the paper's framing) holds and its control says post-LN is as fast.
+    claim_a, claim_b = verdicts.claim2(grid(fast))
+    text_b = " ".join(claim_b.evidence)
+    assert claim_a.status == verdicts.REFUTED and "pre-LN not better" in " ".join(claim_a.evidence)
+    assert claim_b.status == verdicts.SUPPORTED and "reaches the target at step 20" in text_b
 
 
 def test_gradient_verdicts_on_synthetic_records():

@@ -77,6 +77,7 @@ def run_record(spec, result, index: int, unigram: float, fingerprint: str) -> di
     return {
         "fingerprint": fingerprint, "run_id": spec.run_id, "task": spec.task,
         "placement": spec.placement, "peak_lr": spec.peak_lr, "warmup": spec.warmup,
+        "decay": spec.decay,
         "seed": spec.seed, "steps": int(m["loss"].shape[0]),
         "initial_val_loss": float(val[0]), "final_val_loss": float(val[-1]),
         "best_val_loss": best, "unigram_loss": unigram,

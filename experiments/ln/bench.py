@@ -143,7 +143,8 @@ def _check_specs(sweep: Sweep) -> list[RunSpec]:
     pairs = [(seeds[i % len(seeds)], warmups[(i + i // len(seeds)) % len(warmups)])
              for i in range(len(seeds) * len(warmups) ** 2)]
     pairs = list(dict.fromkeys(pairs))[:sweep.check_runs]       # distinct, in order
-    return [RunSpec(sweep.task, sweep.placements[0], lr, wu, seed) for seed, wu in pairs]
+    return [RunSpec(sweep.task, sweep.placements[0], lr, wu, seed, sweep.decay)
+            for seed, wu in pairs]
 
 
 def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log: Log) -> None:

@@ -4,7 +4,7 @@
                            (rows: W2 = mlp/down, attention), one line per depth
     gradnorm_depth.png     last layer's W2 gradient norm vs depth (log-log)
     loss_<task>.png        validation loss vs step, one panel per peak lr
-    heatmap_<task>.png     final validation loss (and failed runs) over lr x warm-up
+    heatmap_<task>.png     final validation loss (and failed runs) over lr x schedule
 """
 from __future__ import annotations
 
@@ -93,14 +93,14 @@ def gradnorm_depth(rows: list[dict], path: Path) -> str:
 def loss_curves(runs: list[dict], task: str, path: Path) -> str:
     t_runs = [r for r in runs if r["task"] == task]
     lrs = sorted({r["peak_lr"] for r in t_runs})
-    warmups = sorted({r["warmup"] for r in t_runs})
+    arms = verdicts.arms(t_runs)
     styles = ["--", "-", "-.", ":"]
     fig, axes = plt.subplots(1, len(lrs), squeeze=False, sharey=True,
                              figsize=(4.2 * len(lrs), 3.6))
     for ax, lr in zip(axes[0], lrs):
         for placement in dict.fromkeys(r["placement"] for r in t_runs):
-            for k, wu in enumerate(warmups):
-                c = verdicts.cell(t_runs, task, placement, lr, wu)
+            for k, (wu, decay) in enumerate(arms):
+                c = verdicts.cell(t_runs, task, placement, lr, wu, decay)
                 if not c:
                     continue
                 steps = c[0]["val_steps"]
@@ -109,7 +109,7 @@ def loss_curves(runs: list[dict], task: str, path: Path) -> str:
                 for curve in curves:
                     ax.plot(steps, curve, alpha=0.25, linewidth=0.8, **style)
                 ax.plot(steps, np.nanmean(curves, 0), linewidth=1.8,
-                        label=f"{placement}-LN, warm-up {wu}", **style)
+                        label=f"{placement}-LN, {verdicts.arm_label(wu, decay)}", **style)
         ax.axhline(t_runs[0]["unigram_loss"], color="black", linewidth=1.0, linestyle=":",
                    label="unigram baseline")
         ax.set_title(f"{task}: peak lr {lr:g}")
@@ -129,18 +129,18 @@ def heatmap(runs: list[dict], task: str, path: Path) -> str:
     t_runs = [r for r in runs if r["task"] == task]
     placements = list(dict.fromkeys(r["placement"] for r in t_runs))
     lrs = sorted({r["peak_lr"] for r in t_runs})
-    warmups = sorted({r["warmup"] for r in t_runs})
-    grid = np.full((len(placements), len(warmups), len(lrs)), np.nan)
+    arms = verdicts.arms(t_runs)
+    grid = np.full((len(placements), len(arms), len(lrs)), np.nan)
     notes = {}
     for p, placement in enumerate(placements):
-        for i, wu in enumerate(warmups):
+        for i, (wu, decay) in enumerate(arms):
             for j, lr in enumerate(lrs):
-                c = verdicts.cell(t_runs, task, placement, lr, wu)
+                c = verdicts.cell(t_runs, task, placement, lr, wu, decay)
                 finals = [r["final_val_loss"] for r in c if r["final_val_loss"] is not None]
                 grid[p, i, j] = np.mean(finals) if finals else np.nan
                 fails = sum(map(verdicts.failed, c))
                 notes[p, i, j] = f"{grid[p, i, j]:.2f}\n{fails}/{len(c)} failed"
-    size = (1.6 * len(lrs) * len(placements) + 1.5, 1.0 * len(warmups) + 1.6)
+    size = (1.6 * len(lrs) * len(placements) + 2.0, 1.0 * len(arms) + 1.6)
     fig, axes = plt.subplots(1, len(placements), squeeze=False, figsize=size)
     vmin, vmax = np.nanmin(grid), np.nanmax(grid)
     for p, ax in enumerate(axes[0]):
@@ -150,10 +150,11 @@ def heatmap(runs: list[dict], task: str, path: Path) -> str:
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white",
                         bbox=dict(facecolor="black", alpha=0.3, linewidth=0))
         ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
-        ax.set_yticks(range(len(warmups)), [str(w) for w in warmups])
+        # Row labels once, on the first panel: long ones would run into its neighbour.
+        ax.set_yticks(range(len(arms)), [f"{w}, {d}" for w, d in arms] if p == 0 else [])
         ax.set_xlabel("peak learning rate")
         ax.set_title(f"{task}: {placements[p]}-LN")
-    axes[0][0].set_ylabel("warm-up steps")
+    axes[0][0].set_ylabel("warm-up steps, decay")
     fig.colorbar(image, ax=list(axes[0]), label="final validation loss (mean over seeds)")
     return _save(fig, path)
 

@@ -18,7 +18,7 @@ from experiments.ln.bench import CHECK_TOLERANCE, read_checks
 from experiments.ln.presets import Preset
 from experiments.ln.verdicts import TASK_NAMES
 
-SUMMARY_FIELDS = ("run_id", "task", "placement", "peak_lr", "warmup", "seed", "steps",
+SUMMARY_FIELDS = ("run_id", "task", "placement", "peak_lr", "warmup", "decay", "seed", "steps",
                   "initial_val_loss", "final_val_loss", "best_val_loss", "unigram_loss",
                   "final_val_accuracy", "final_val_nsp_loss", "final_val_nsp_accuracy", "bleu",
                   "escaped_plateau", "diverged", "diverged_at", "diverge_reason", "num_spikes",
@@ -92,22 +92,23 @@ def _finals(c: list[dict], key: str) -> list:
 
 
 def sweep_table(runs: list[dict], task: str) -> str:
-    """Rows (placement, warm-up), columns peak lr: final val loss (+ accuracy) and failures."""
+    """Rows (placement, warm-up, decay), columns peak lr: final val loss (+ accuracy)
+    and failures."""
     t_runs = [r for r in runs if r["task"] == task]
     lrs = sorted({r["peak_lr"] for r in t_runs})
-    keys = sorted({(r["placement"], r["warmup"]) for r in t_runs})
     body = []
-    for placement, wu in keys:
-        row = [placement, wu]
-        for lr in lrs:
-            c = verdicts.cell(t_runs, task, placement, lr, wu)
-            fails = sum(map(verdicts.failed, c))
-            acc = verdicts.fmt(_finals(c, "val_accuracy"), 2)
-            score = f", BLEU {verdicts.fmt(verdicts.bleus(c), 2)}" if verdicts.bleus(c) else ""
-            row.append(f"{verdicts.fmt([r['final_val_loss'] for r in c])}, acc {acc}{score} "
-                       f"({fails}/{len(c)} failed)")
-        body.append(row)
-    return _table(["placement", "warm-up"] + [f"lr {lr:g}" for lr in lrs], body)
+    for placement in sorted({r["placement"] for r in t_runs}):
+        for wu, decay in verdicts.arms(t_runs):
+            row = [placement, wu, decay]
+            for lr in lrs:
+                c = verdicts.cell(t_runs, task, placement, lr, wu, decay)
+                fails = sum(map(verdicts.failed, c))
+                acc = verdicts.fmt(_finals(c, "val_accuracy"), 2)
+                score = f", BLEU {verdicts.fmt(verdicts.bleus(c), 2)}" if verdicts.bleus(c) else ""
+                row.append(f"{verdicts.fmt([r['final_val_loss'] for r in c])}, acc {acc}{score} "
+                           f"({fails}/{len(c)} failed)" if c else "-")
+            body.append(row)
+    return _table(["placement", "warm-up", "decay"] + [f"lr {lr:g}" for lr in lrs], body)
 
 
 def best_table(runs: list[dict], task: str) -> str:
@@ -124,7 +125,7 @@ def best_table(runs: list[dict], task: str) -> str:
             if not c:
                 continue
             steps = verdicts.steps_to(c, target) if target is not None else None
-            body.append([placement, label, f"lr {key[0]:g}, warm-up {key[1]}",
+            body.append([placement, label, f"lr {key[0]:g}, {verdicts.arm_label(*key[1:])}",
                          verdicts.fmt([r["final_val_loss"] for r in c]),
                          verdicts.fmt(_finals(c, "val_accuracy"), 2)]
                         + ([verdicts.fmt(verdicts.bleus(c), 2)] if scored else [])
@@ -138,17 +139,18 @@ def best_table(runs: list[dict], task: str) -> str:
 
 def equal_lr_table(runs: list[dict], task: str) -> str:
     rows = verdicts.equal_lr_rows(runs, task)
-    return _table(["peak lr", "post-LN best warm-up", "post-LN final", "pre-LN (no warm-up) "
-                   "final", "post-LN steps to its final", "pre-LN steps to it"], rows)
+    return _table(["peak lr", "post-LN best schedule", "post-LN final", "pre-LN (no warm-up) "
+                   "best decay", "pre-LN final", "post-LN steps to its final",
+                   "pre-LN steps to it"], rows)
 
 
 def mlm_table(runs: list[dict]) -> str:
     """BERT's two losses apart, per (placement, lr, warm-up), with the MLM baseline."""
     m = [r for r in runs if r["task"] == "mlm"]
-    keys = sorted({(r["placement"], r["peak_lr"], r["warmup"]) for r in m})
+    keys = sorted({(r["placement"], r["peak_lr"], r["warmup"], r["decay"]) for r in m})
     body = []
-    for placement, lr, wu in keys:
-        c = verdicts.cell(m, "mlm", placement, lr, wu)
+    for placement, lr, wu, decay in keys:
+        c = verdicts.cell(m, "mlm", placement, lr, wu, decay)
         body.append([placement, f"{lr:g}", wu, verdicts.fmt([r["final_val_loss"] for r in c]),
                      f"{m[0]['unigram_loss'] - np.mean([r['final_val_loss'] for r in c]):+.2f}"
                      if all(r["final_val_loss"] is not None for r in c) else "n/a",
@@ -239,7 +241,7 @@ def _settings(preset: Preset) -> list[str]:
             f"{s.seq_len or preset.seq_len}; placements {list(s.placements)}; peak lr "
             f"{list(s.peak_lrs)}; warm-up {list(s.warmups)}; seeds {list(s.seeds)}; {s.steps} "
             f"steps of batch {s.batch_size}, linear warm-up then {s.decay} "
-            f"(`training.schedules`); AdamW b1 {s.b1}, b2 {s.b2}, weight decay "
+            f"(`training.schedules`){_extra_arms(s)}; AdamW b1 {s.b1}, b2 {s.b2}, weight decay "
             f"{s.weight_decay}, no clipping, dropout 0")
     lines.append(f"- a run *did not learn* if it diverged (a non-finite loss/gradient, or a "
                  f"validation loss above its initial value) or never got {PLATEAU_MARGIN} nats "
@@ -247,6 +249,19 @@ def _settings(preset: Preset) -> list[str]:
                  f"{SPIKE_NATS:g} nat above the median of the previous {SPIKE_WINDOW} "
                  f"(`training.divergence`; consecutive spike steps count once)")
     return lines
+
+
+def _extra_arms(s) -> str:
+    if not s.extra_arms:
+        return ""
+    drop = (f"; drop: the lr constant, x0.1 from update {s.drop_step} (Xiong et al.'s pre-LN "
+            "schedule, sec. 4.1: x0.1 at the 8th epoch)") if "drop" in s.decays else ""
+    return (", and beside them " + ", ".join(_arm_text(*a) for a in s.extra_arms)
+            + " for every placement" + drop)
+
+
+def _arm_text(warmup: int, decay: str) -> str:
+    return f"{decay} with warm-up {warmup}" if warmup else f"{decay} without warm-up"
 
 
 def _bleu_note(sweep, runs) -> list[str]:
@@ -275,8 +290,9 @@ def _task_sections(preset: Preset, results: Results) -> list[str]:
                 "Each placement at its best setting; *steps to target*: the first evaluation "
                 "at which the setting's seed-mean validation curve reaches post-LN-with-warm-up's "
                 "best final loss:", "", best_table(runs, task), "",
-                "Equal learning rates (secondary): post-LN with its best warm-up vs pre-LN "
-                "without warm-up at each peak lr:", "", equal_lr_table(runs, task), "",
+                "Equal learning rates (secondary; the paper's \"same lr_max\", sec. 4.2): "
+                "post-LN with its best warm-up vs pre-LN without warm-up on its best decay, "
+                "at each peak lr:", "", equal_lr_table(runs, task), "",
                 f"Every cell: final validation {metric}, mean ± std over seeds, token accuracy "
                 "(runs that did not learn):", "", sweep_table(runs, task), ""]
         if task == "mlm":

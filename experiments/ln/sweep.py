@@ -1,9 +1,9 @@
 """Many training runs as one compiled program: `jax.vmap` over the train state.
 
 Every (task, placement) of the grid is one program: the runs of its learning-rate
-x warm-up x seed grid differ only in arrays (parameters, Adam moments, the peak
-learning rate, the warm-up length and the data-seed index), so they are stacked
-on a leading axis and stepped together. The learning rate is set inside the step
+x schedule x seed grid differ only in arrays (parameters, Adam moments, the peak
+learning rate, the warm-up length, the decay's index and the data-seed index), so
+they are stacked on a leading axis and stepped together. The learning rate is set inside the step
 from those per-run arrays through `optax.inject_hyperparams`, so no schedule is
 baked into the compiled program. The same un-vmapped function, jitted once, runs
 a single run: the equality check and the speed-up baseline. The check
@@ -45,15 +45,17 @@ class RunSpec:
     peak_lr: float
     warmup: int
     seed: int
+    decay: str   # the schedule after warm-up (`training.schedules.SCHEDULES`)
 
     @property
     def run_id(self) -> str:
-        return f"{self.task}/{self.placement}/lr{self.peak_lr:g}/wu{self.warmup}/s{self.seed}"
+        return (f"{self.task}/{self.placement}/lr{self.peak_lr:g}/wu{self.warmup}-{self.decay}"
+                f"/s{self.seed}")
 
 
 def group_specs(sweep: Sweep, placement: str) -> list[RunSpec]:
-    return [RunSpec(sweep.task, placement, lr, wu, seed) for lr in sweep.peak_lrs
-            for wu in sweep.warmups for seed in sweep.seeds]
+    return [RunSpec(sweep.task, placement, lr, wu, seed, decay) for lr in sweep.peak_lrs
+            for wu, decay in sweep.arms for seed in sweep.seeds]
 
 
 @functools.lru_cache(maxsize=8)   # one object per sweep: compiled programs key on it
@@ -66,15 +68,18 @@ def make_tx(sweep: Sweep) -> optax.GradientTransformation:
                  weight_decay=sweep.weight_decay, mask=decay_mask)
 
 
-def learning_rate(step, peak, warmup, total: int, decay: str):
+def learning_rate(step, hp: dict, sweep: Sweep):
     """The library's schedule (`training.schedules.learning_rate_at`) on traced per-run
-    values: linear warm-up over `warmup` updates (none when 0), then `decay`
-    ("linear" to 0 at `total`, "constant", "cosine" or "rsqrt")."""
-    return learning_rate_at(step, peak, warmup, decay, total)
+    values: linear warm-up over hp["warmup"] updates (none when 0), then the decay
+    sweep.decays[hp["decay"]] ("linear" to 0 at sweep.steps, "rsqrt", "drop" at
+    sweep.drop_step, ...): every decay of the sweep is computed, the run's is picked."""
+    rates = [learning_rate_at(step, hp["peak_lr"], hp["warmup"], decay, sweep.steps,
+                              sweep.drop_step) for decay in sweep.decays]
+    return rates[0] if len(rates) == 1 else jnp.stack(rates)[hp["decay"]]
 
 
-def _step(state: TrainState, hp: dict, batch: dict, *, task: str, total: int, decay: str):
-    lr = learning_rate(state.step, hp["peak_lr"], hp["warmup"], total, decay)
+def _step(state: TrainState, hp: dict, batch: dict, *, task: str, sweep: Sweep):
+    lr = learning_rate(state.step, hp, sweep)
     opt = state.opt_state
     state = state.replace(opt_state=opt._replace(hyperparams={**opt.hyperparams,
                                                                "learning_rate": lr}))
@@ -83,12 +88,12 @@ def _step(state: TrainState, hp: dict, batch: dict, *, task: str, total: int, de
                    "lr": lr}
 
 
-def _chunk(state, hp, train, valid, start, *, length: int, task: str, total: int, decay: str):
+def _chunk(state, hp, train, valid, start, *, length: int, task: str, sweep: Sweep):
     """`length` steps from `start` on this run's data stream, then the validation metrics.
     train: {field: [seeds, steps, batch, ...]} (all runs' streams); valid: [E, batch, ...]."""
     data = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, length, 1)[hp["data"]],
                         train)
-    step = functools.partial(_step, hp=hp, task=task, total=total, decay=decay)
+    step = functools.partial(_step, hp=hp, task=task, sweep=sweep)
     state, metrics = jax.lax.scan(lambda s, b: step(s, batch=b), state, data)
     return state, metrics, _valid_metrics(state, valid, task)
 
@@ -165,6 +170,7 @@ def _hparams(specs: list[RunSpec], sweep: Sweep) -> dict:
     seed_index = {s: i for i, s in enumerate(sweep.seeds)}
     return {"peak_lr": np.array([s.peak_lr for s in specs], np.float32),
             "warmup": np.array([s.warmup for s in specs], np.float32),
+            "decay": np.array([sweep.decays.index(s.decay) for s in specs], np.int32),
             "data": np.array([seed_index[s.seed] for s in specs], np.int32)}
 
 
@@ -255,8 +261,7 @@ def _compiled(key, fn, *args):
 @functools.lru_cache(maxsize=8)
 def _programs(sweep: Sweep, batched: bool):
     task = sweep.task
-    chunk = functools.partial(_chunk, length=sweep.eval_every, task=task, total=sweep.steps,
-                              decay=sweep.decay)
+    chunk = functools.partial(_chunk, length=sweep.eval_every, task=task, sweep=sweep)
     valid = functools.partial(_valid_metrics, task=task)
     if batched:
         chunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None))

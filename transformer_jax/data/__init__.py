@@ -10,7 +10,8 @@ from transformer_jax.data.batches import (
 from transformer_jax.data.bert import (
     BERT_FIELDS, IS_NEXT, NOT_NEXT, BertDataConfig, BertDataset)
 from transformer_jax.data.corpus import (
-    Corpus, load_corpus, load_hf_corpus, split_corpus, stdlib_corpus, text_corpus)
+    Corpus, SourceUnavailableError, load_corpus, load_hf_corpus, split_corpus, stdlib_corpus,
+    text_corpus)
 from transformer_jax.data.gpt import GPT_FIELDS, GPTDataConfig, GPTDataset
 from transformer_jax.data.labeled import (
     CLASSIFY_FIELDS, IGNORE_INDEX, TAG_FIELDS, ClassifyDataset, LabelSet, TagDataset,
@@ -30,7 +31,8 @@ __all__ = [
     "GPTDataConfig", "GPTDataset", "Seq2SeqDataConfig", "Seq2SeqDataset", "Tokenizer",
     "TokenizedCorpus", "TokenizedDataset", "TranslationDataConfig", "VocabInfo",
     "default_cache_dir", "example_rng",
-    "load_corpus", "load_hf_corpus", "local_example_indices", "make_datasets",
+    "SourceUnavailableError", "load_corpus", "load_hf_corpus", "local_example_indices",
+    "make_datasets",
     "shard_batch", "split_corpus", "stdlib_corpus", "text_corpus", "tokenize_corpus",
     "train_bpe", "train_tokenizer", "train_wordpiece", "validate_token_ids",
 ]

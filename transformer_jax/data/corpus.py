@@ -354,17 +354,24 @@ def text_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike],
     return Corpus(_capped(documents, max_documents, max_chars), source=where)
 
 
+class SourceUnavailableError(OSError, RuntimeError):
+    """An optional online corpus could not be loaded (offline, unknown name). An
+    OSError, as a missing file is, so that the CLI reports it in one line; still the
+    RuntimeError `load_hf_corpus` has always raised."""
+
+
 def load_hf_corpus(name: str, config: str | None = None, split: str = "train",
                    text_field: str = "text", max_documents: int | None = None,
                    max_chars: int | None = None, **load_kwargs) -> Corpus:
     """A corpus from a Hugging Face dataset (optional extra; needs network or cache).
 
     Each record's ``text_field`` is one document. Raises ImportError when the
-    ``datasets`` package is missing and RuntimeError when loading fails
-    (offline, unknown name), both pointing at the offline default.
+    ``datasets`` package is missing and SourceUnavailableError (an OSError and a
+    RuntimeError) when loading fails (offline, unknown name), both pointing at the
+    offline default.
     """
-    fallback = ("the offline default corpus needs no download: use "
-                "stdlib_corpus() or text_corpus(path)")
+    fallback = ("the offline default corpus needs no download: leave out --data, or give "
+                "a .txt file (Python: stdlib_corpus() or text_corpus(path))")
     try:
         import datasets  # noqa: PLC0415 - optional extra, imported only on use
     except ImportError as e:
@@ -374,7 +381,7 @@ def load_hf_corpus(name: str, config: str | None = None, split: str = "train",
     try:
         ds = datasets.load_dataset(name, config, split=split, **load_kwargs)
     except Exception as e:  # datasets raises many types for offline/missing data
-        raise RuntimeError(
+        raise SourceUnavailableError(
             f"could not load Hugging Face dataset {name!r} (config={config!r}, "
             f"split={split!r}): {e}. If this machine is offline, {fallback}") from e
     if text_field not in ds.column_names:

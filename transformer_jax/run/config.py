@@ -16,7 +16,7 @@ from transformer_jax import validation
 from transformer_jax.models import registry as families
 from transformer_jax.models.configs import PRESETS
 from transformer_jax.parallel.mesh import PARALLEL_MODES, MeshConfig
-from transformer_jax.training.schedules import SCHEDULES
+from transformer_jax.training.schedules import DROPPING, SCHEDULES
 from transformer_jax.training.tasks import TASKS, trains
 
 
@@ -25,9 +25,10 @@ from transformer_jax.training.tasks import TASKS, trains
 # may differ when named in `allow_change` (the optimizer's hyperparameters: the state's
 # shapes stay); the rest change the model, its data or the batches it has seen.
 RESUME_LOCKED = ("model", "task", "data", "eval_data", "init", "max_documents", "vocab_size", "seq_len", "batch_size",
-                 "steps", "lr", "warmup", "schedule", "weight_decay", "clip_norm", "accumulation",
+                 "steps", "lr", "warmup", "schedule", "drop_step", "weight_decay", "clip_norm", "accumulation",
                  "norm_placement", "attention", "dtype", "seed", "overrides")
-CHANGEABLE_ON_RESUME = ("steps", "lr", "warmup", "schedule", "weight_decay", "clip_norm")
+CHANGEABLE_ON_RESUME = ("steps", "lr", "warmup", "schedule", "drop_step", "weight_decay",
+                        "clip_norm")
 # Settings of one invocation, never taken from the saved run.
 PER_INVOCATION = ("resume", "stop_at", "allow_change")
 
@@ -79,6 +80,8 @@ class RunConfig:
     lr: float = _setting(1e-3, "peak learning rate")
     warmup: int = _setting(20, "linear warm-up updates (0 = none); must be < --steps")
     schedule: str = _setting("cosine", " | ".join(SCHEDULES))
+    drop_step: int | None = _setting(None, "--schedule drop: the update from which the rate is "
+                                     "x0.1 (Xiong et al. 2020's pre-LN schedule)", type=int)
     weight_decay: float = _setting(0.01)
     clip_norm: float | None = _setting(1.0, "global gradient norm clip; <= 0 disables",
                                        type=float, parse=_clip)
@@ -163,6 +166,12 @@ class RunConfig:
                f"{self.model} has max_len={max_len} positions; use --seq-len <= {max_len} (a "
                "RunConfig can raise it with overrides=(('max_len', N),))")
         _check("schedule", self.schedule in SCHEDULES, self.schedule, f"one of {', '.join(SCHEDULES)}")
+        _check("drop_step", self.drop_step is None or self.schedule in DROPPING, self.drop_step,
+               f"only --schedule drop uses --drop-step (got --schedule {self.schedule})")
+        _check("drop_step", self.schedule not in DROPPING or (
+            isinstance(self.drop_step, int) and self.warmup < self.drop_step <= self.steps),
+            self.drop_step, f"--schedule drop needs --drop-step in ({self.warmup}, {self.steps}]: "
+            "after --warmup, at most --steps")
         _check("dtype", self.dtype in ("float32", "bfloat16", "float16"), self.dtype,
                "one of float32, bfloat16, float16")
         _check("weight_decay", self.weight_decay >= 0, self.weight_decay, "must be >= 0")

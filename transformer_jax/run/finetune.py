@@ -10,6 +10,7 @@ evaluation.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from transformer_jax.data import Corpus, Tokenizer, train_tokenizer
@@ -100,6 +101,18 @@ def _records(rows, task_name: str, path) -> list[dict]:
     return [record for _, record in rows]
 
 
+def _note_cut_words(tokenizer, sentences, seq_len: int) -> None:
+    """Said, not silent: a sentence longer than the run's --seq-len word pieces has
+    words the tagger never reads, and `predict_tags` tags them O."""
+    pieces = tokenizer.encode_words_batch([list(s) for s in sentences]) if sentences else []
+    long = [i + 1 for i, (ids, _) in enumerate(pieces) if len(ids) > seq_len - 2]
+    if long:
+        print(f"note: {len(long)} input(s) (first: number {long[0]}) have more than "
+              f"{seq_len - 2} word pieces (the run's --seq-len {seq_len}, less [CLS] and "
+              "[SEP]); words whose first piece falls past that are tagged O without being "
+              "read", file=sys.stderr)
+
+
 def predict(args) -> list[dict]:
     """`transformer-jax predict`: the label (and its probability) of each text, or
     the tag of each word, from a fine-tuned run directory."""
@@ -114,6 +127,7 @@ def predict(args) -> list[dict]:
     records = _records(rows, run.task, args.input_file)
     if run.task == "tag":
         words = [r["tokens"] if "tokens" in r else r["text"].split() for r in records]
+        _note_cut_words(tokenizer, words, run.seq_len)
         tags = predict_tags(params, config, tokenizer, labels, words, max_len=run.seq_len)
         return [{"tokens": list(w), "tags": t} for w, t in zip(words, tags)]
     texts = [r["text"] for r in records]

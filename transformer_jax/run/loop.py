@@ -142,7 +142,7 @@ def _peak_flops(run: RunConfig) -> float | None:
 
 def optimizer(run: RunConfig):
     """(optax transformation, lr-of-step function) for a run."""
-    schedule = make_schedule(run.schedule, run.lr, run.warmup, run.steps)
+    schedule = make_schedule(run.schedule, run.lr, run.warmup, run.steps, run.drop_step)
     tx = make_optimizer(schedule, weight_decay=run.weight_decay, clip_norm=run.clip_norm,
                         accumulation_steps=run.accumulation)
     return tx, learning_rate_fn(schedule, run.accumulation)
