@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 
+from transformer_jax import validation
 from transformer_jax.initializers import INIT_SCHEMES
 from transformer_jax.models import get_config
 from transformer_jax.training.schedules import SCHEDULES
@@ -150,11 +151,11 @@ class Sweep:
                              f"steps={self.steps}")
         for arm in self.extra_arms:
             if not (isinstance(arm, tuple) and len(arm) == 2 and arm[1] in SCHEDULES
-                    and isinstance(arm[0], int) and 0 <= arm[0] < self.steps):
+                    and validation.is_int(arm[0]) and 0 <= arm[0] < self.steps):
                 raise ValueError(f"Sweep.extra_arms has {arm!r}; each must be (warm-up in "
                                  f"[0, steps={self.steps}), decay in {', '.join(SCHEDULES)})")
         if "drop" in self.decays and not (
-                isinstance(self.drop_step, int)
+                validation.is_int(self.drop_step)
                 and max(w for w, d in self.arms if d == "drop") < self.drop_step <= self.steps):
             raise ValueError(f"Sweep.drop_step={self.drop_step!r} must be an integer after the "
                              f"warm-ups of the 'drop' arms and at most steps={self.steps}")

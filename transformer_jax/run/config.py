@@ -169,7 +169,7 @@ class RunConfig:
         _check("drop_step", self.drop_step is None or self.schedule in DROPPING, self.drop_step,
                f"only --schedule drop uses --drop-step (got --schedule {self.schedule})")
         _check("drop_step", self.schedule not in DROPPING or (
-            isinstance(self.drop_step, int) and self.warmup < self.drop_step <= self.steps),
+            validation.is_int(self.drop_step) and self.warmup < self.drop_step <= self.steps),
             self.drop_step, f"--schedule drop needs --drop-step in ({self.warmup}, {self.steps}]: "
             "after --warmup, at most --steps")
         _check("dtype", self.dtype in ("float32", "bfloat16", "float16"), self.dtype,

@@ -34,6 +34,8 @@ from typing import Callable
 import jax.numpy as jnp
 import optax
 
+from transformer_jax import validation
+
 
 def _constant(s, w, total, drop):
     return jnp.ones_like(s)
@@ -111,8 +113,7 @@ def _check(name, peak_lr, warmup_steps, total_steps, drop_step) -> None:
             raise ValueError(f"total_steps={total_steps!r} must be an integer greater than "
                              f"warmup_steps={warmup_steps} for schedule {name!r}")
     if name in DROPPING:
-        if not isinstance(drop_step, int) or isinstance(drop_step, bool) \
-                or drop_step <= warmup_steps:
+        if not validation.is_int(drop_step) or drop_step <= warmup_steps:
             raise ValueError(f"drop_step={drop_step!r} must be an integer greater than "
                              f"warmup_steps={warmup_steps} for schedule {name!r}")
 
