@@ -240,9 +240,18 @@ PLAIN = {"attention": "xla", "fused_qkv": False, "loss_chunk": 0, "vocab_pad_mul
 
 
 def _value(text: str):
+    """A flag's value as the config field wants it: true/false, none, an int
+    (-3, 128), a float (0.02, 1e-6), else the text (a name such as "xla")."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    return int(text) if text.isdigit() else text
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _parse_fields(item: str) -> dict:

@@ -170,3 +170,13 @@ def test_bad_experiment_flags_are_usage_errors_before_any_work(module, argv, exp
     assert exit_info.value.code == 2, err
     assert expect in err.splitlines()[-1] and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_set_and_compare_values_parse_as_the_config_fields_want():
+    """`--set init_std=0.01` is a float, `num_layers=2` an int, `false` a bool, a name
+    stays text: a float given as text would be refused by the config's checks."""
+    got = bench_throughput._parse_fields("init_std=0.01,norm_eps=1e-6,num_layers=2,"
+                                         "scan_layers=false,activation=gelu,rope_base=-3")
+    assert got == {"init_std": 0.01, "norm_eps": 1e-6, "num_layers": 2, "scan_layers": False,
+                   "activation": "gelu", "rope_base": -3}
+    assert type(got["num_layers"]) is int and type(got["init_std"]) is float

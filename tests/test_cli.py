@@ -556,3 +556,14 @@ def test_experiment_commands_refuse_an_unusable_out(module, flag, tmp_path, caps
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and expect in err and "Traceback" not in err, err
     assert afile.read_text() == "x" and sorted(tmp_path.iterdir()) == [afile]
+
+
+def test_resume_note_counts_micro_steps_and_names_the_update_with_accumulation():
+    """The logs, checkpoints and diverged_at count micro-steps; --steps counts updates.
+    The note must not put one over the other (micro-step 12 of --steps 10 at accumulation 4)."""
+    from transformer_jax.run import commands
+    plain, accumulated = (RunConfig(steps=10, warmup=2),
+                          RunConfig(steps=10, warmup=2, accumulation=4))
+    assert commands._progress_text(5, plain) == "5 of 10"
+    text = commands._progress_text(12, accumulated)
+    assert text.startswith("12 of 40 ") and "update 3 of --steps 10" in text, text

@@ -459,3 +459,15 @@ def test_sweep_spreads_runs_over_devices_like_one_device(device_runs):
     for key in ("train", "valid"):
         np.testing.assert_allclose(spread[key], alone[key], atol=1e-5)
     assert np.abs(np.subtract(spread["train"][0], spread["train"][1])).max() > 1e-4
+
+
+def test_measurable_difference_uses_the_unbiased_variance_of_few_seeds():
+    """Two seeds 4.80 / 4.84 against 4.79 / 4.79: 0.03 apart. The difference's standard
+    error from the ddof=1 variances is 0.02 (0.03 < 2 se: not measurable); the ddof=0
+    one would be 0.014 and call it measurable. With one seed per cell only MIN_GAP decides."""
+    cell_of = lambda *losses: [{"final_val_loss": v} for v in losses]
+    assert not verdicts._worse(cell_of(4.80, 4.84), cell_of(4.79, 4.79))
+    assert verdicts._worse(cell_of(4.80, 4.84), cell_of(4.70, 4.70))
+    assert verdicts._worse(cell_of(4.85), cell_of(4.82)) and not verdicts._worse(
+        cell_of(4.83), cell_of(4.82))
+    assert verdicts._worse(cell_of(None), cell_of(4.82))   # a non-finite final loss is worse

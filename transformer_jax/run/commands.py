@@ -24,13 +24,23 @@ def _run_config(args):
     changed = [f"--{k.replace('_', '-')} {v!r}" for k, v in given.items()
                if k not in ("resume", "out_dir", "allow_change") and getattr(saved, k) != v]
     status = _saved_status(out)
-    note = (f"resuming {out} at step {step} of {run.steps}: a {run.model} {run.task} run with its "
-            f"saved settings" + (f", changed: {', '.join(changed)}" if changed else ""))
+    note = (f"resuming {out} at step {_progress_text(step, run)}: a {run.model} {run.task} run "
+            f"with its saved settings" + (f", changed: {', '.join(changed)}" if changed else ""))
     if status.get("status") == "diverged":
         note += (f"; it diverged at step {status.get('diverged_at')}, so this continues from its "
                  "last good checkpoint" + ("" if changed else
                                            " (unchanged settings diverge again; see --allow-change)"))
     return run, note
+
+
+def _progress_text(step: int, run) -> str:
+    """`step` micro-steps as the logs count them, of the run's total; with gradient
+    accumulation the optimizer update too, which is what --steps and --stop-at count."""
+    total = run.steps * run.accumulation
+    if run.accumulation == 1:
+        return f"{step} of {total}"
+    return (f"{step} of {total} (micro-steps; update {step // run.accumulation} of --steps "
+            f"{run.steps}, accumulation {run.accumulation})")
 
 
 def _check_stop_at(run, out, step: int) -> None:
