@@ -275,7 +275,7 @@ PRESETS: dict[str, Preset] = {
                eval_every=4, eval_batches=1, decay="rsqrt", extra_arms=_PAPER_PRE_LN,
                drop_step=6, bleu_batches=1)),
         seq_len=16, vocab_size=320, corpus_chars=150_000),
-    # The README's command: 2 CPU cores, offline, 5-12 minutes (see docs/ln_experiment.md
+    # The README's command: 2 CPU cores, offline, 5-15 minutes (see docs/ln_experiment.md
     # for how each grid was found). Translation decides claims 2a/2b, BERT claim 3.
     "quick": Preset(
         "quick",
