@@ -567,3 +567,13 @@ def test_resume_note_counts_micro_steps_and_names_the_update_with_accumulation()
     assert commands._progress_text(5, plain) == "5 of 10"
     text = commands._progress_text(12, accumulated)
     assert text.startswith("12 of 40 ") and "update 3 of --steps 10" in text, text
+
+
+def test_a_loaded_run_names_the_step_of_its_checkpoint_not_its_steps(api_runs):
+    """A run stopped after update 5 of 12 holds step 5's parameters; the text a
+    fine-tuning run prints for its --init must say so, not "step 12"."""
+    from transformer_jax.run.loading import load_model_dir
+    root, _ = api_runs
+    stopped, full = load_model_dir(root / "stop")[4], load_model_dir(root / "full")[4]
+    assert "checkpoint step 5 of 12" in stopped and "step 12" not in stopped, stopped
+    assert "checkpoint step 12 of 12" in full, full

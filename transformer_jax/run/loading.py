@@ -19,6 +19,11 @@ def is_run_dir(path) -> bool:
 
 def load_run(path, step: int | None = None):
     """-> (model config, params, tokenizer, run config) of the latest (or given) step."""
+    return _load_run(path, step)[:4]
+
+
+def _load_run(path, step: int | None):
+    """load_run's tuple and the step of the checkpoint restored (as the logs count it)."""
     path = Path(path)
     if not is_run_dir(path):
         raise ValueError(f"{path} is not a training run directory (no checkpoints/ inside); "
@@ -31,7 +36,7 @@ def load_run(path, step: int | None = None):
     target = abstract_train_state(config, tx, task=task_of(run.task, path))
     state, _ = restore_checkpoint(path / "checkpoints", target, step=record["step"], config=config)
     tokenizer = Tokenizer.from_file(path / record["metadata"].get("tokenizer", "tokenizer"))
-    return config, state.params, tokenizer, run
+    return config, state.params, tokenizer, run, record["step"]
 
 
 def load_model_dir(path, flag: str = "--model"):
@@ -39,9 +44,12 @@ def load_model_dir(path, flag: str = "--model"):
     directories or a Hugging Face directory (config.json and a tokenizer); `flag`
     names the option in errors."""
     if is_run_dir(path):
-        config, params, tokenizer, run = load_run(path)
+        # The step restored, not --steps: a run stopped, cut or diverged early is saved
+        # before it, and this text is the provenance a fine-tuning run records.
+        config, params, tokenizer, run, saved = _load_run(path, None)
         return config, params, tokenizer, "cls", (f"run directory {str(path)!r} ({run.model}, "
-                                                  f"{run.task}, step {run.steps})")
+                                                  f"{run.task}, checkpoint step {saved} of "
+                                                  f"{run.steps * run.accumulation})")
     if (Path(path) / "config.json").is_file():
         from transformer_jax.hf import load_pretrained
         pre = load_pretrained(path)
