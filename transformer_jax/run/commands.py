@@ -36,10 +36,9 @@ def _run_config(args):
 def _progress_text(step: int, run) -> str:
     """`step` micro-steps as the logs count them, of the run's total; with gradient
     accumulation the optimizer update too, which is what --steps and --stop-at count."""
-    total = run.steps * run.accumulation
     if run.accumulation == 1:
-        return f"{step} of {total}"
-    return (f"{step} of {total} (micro-steps; update {step // run.accumulation} of --steps "
+        return f"{step} of {run.micro_steps}"
+    return (f"{step} of {run.micro_steps} (micro-steps; update {step // run.accumulation} of --steps "
             f"{run.steps}, accumulation {run.accumulation})")
 
 

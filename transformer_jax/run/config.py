@@ -190,6 +190,12 @@ class RunConfig:
         _check("allow_change", not bad, ",".join(bad),
                f"settings that may change on resume are {', '.join(CHANGEABLE_ON_RESUME)}")
 
+    @property
+    def micro_steps(self) -> int:
+        """The steps the loop, its logs and checkpoints count: --steps updates of
+        --accumulation micro-batches each."""
+        return self.steps * self.accumulation
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["overrides"] = [list(kv) for kv in self.overrides]

@@ -49,7 +49,7 @@ def load_model_dir(path, flag: str = "--model"):
         config, params, tokenizer, run, saved = _load_run(path, None)
         return config, params, tokenizer, "cls", (f"run directory {str(path)!r} ({run.model}, "
                                                   f"{run.task}, checkpoint step {saved} of "
-                                                  f"{run.steps * run.accumulation})")
+                                                  f"{run.micro_steps})")
     if (Path(path) / "config.json").is_file():
         from transformer_jax.hf import load_pretrained
         pre = load_pretrained(path)

@@ -266,7 +266,7 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
         summary["initial_val_loss"] = first["loss"]
         state, step = _run_steps(state, start_step, loop, task, monitor, log, summary, stop,
                                  (eval_fn, valid_ds, flops_per_token, peak, progress))
-        if summary["status"] == "completed" and step < run.steps * run.accumulation:
+        if summary["status"] == "completed" and step < run.micro_steps:
             summary["status"] = "stopped"
         monitor_state = getattr(loop, "monitor_state", None) or \
             {**monitor.state_dict(), "diverged_at": None}   # as of the saved step
@@ -282,7 +282,7 @@ def _run_steps(state, step, loop, task, monitor, log, summary, stop, extra):
     ever holds verified steps; on divergence, the state becomes the last good one."""
     eval_fn, valid_ds, flops_per_token, peak, progress = extra
     run, host = loop.run, loop.strategy.host_state
-    total = run.steps * run.accumulation
+    total = run.micro_steps
     stop_step = min(total, (run.stop_at or run.steps) * run.accumulation)
     bar = _progress(progress, step, total)
     tic, tokens, pending = time.perf_counter(), 0, []
