@@ -471,3 +471,13 @@ def test_measurable_difference_uses_the_unbiased_variance_of_few_seeds():
     assert verdicts._worse(cell_of(4.85), cell_of(4.82)) and not verdicts._worse(
         cell_of(4.83), cell_of(4.82))
     assert verdicts._worse(cell_of(None), cell_of(4.82))   # a non-finite final loss is worse
+
+
+def test_the_reported_spread_is_the_sample_std_of_the_seeds():
+    """fmt's 'm ± s' uses the same ddof=1 estimate as the measurability test: for
+    4.80 / 4.84 the sample std is 0.04 / sqrt(2) = 0.028 (ddof=0 would print 0.02);
+    non-finite values are left out, and one value prints alone."""
+    assert verdicts.fmt([4.80, 4.84]) == "4.82 ± 0.03"
+    assert verdicts.fmt([1.0, 2.0, 3.0, float("nan"), None]) == "2 ± 1"
+    assert verdicts.fmt([5.25]) == "5.25" and verdicts.fmt([None]) == "n/a"
+    assert verdicts.spread([2.0]) == 0.0

@@ -70,7 +70,7 @@ def gradnorm_depth(rows: list[dict], path: Path) -> str:
     for placement in dict.fromkeys(r["placement"] for r in rows):
         depths = sorted(d for p, d in tops if p == placement)
         mean = [np.mean(tops[(placement, d)]) for d in depths]
-        std = [np.std(tops[(placement, d)]) for d in depths]
+        std = [verdicts.spread(tops[(placement, d)]) for d in depths]
         ax.errorbar(depths, mean, yerr=std, marker="o", capsize=3, label=placement,
                     color=COLORS.get(placement))
     depths = sorted({d for _, d in tops})
@@ -84,7 +84,7 @@ def gradnorm_depth(rows: list[dict], path: Path) -> str:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("number of layers L")
     ax.set_ylabel("last layer |mean dL/dW2| at init")
-    ax.set_title("Last-layer FFN gradient norm vs depth")
+    ax.set_title("Last-layer FFN gradient norm vs depth\n(bars: sample std over seeds)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)

@@ -293,7 +293,7 @@ def _task_sections(preset: Preset, results: Results) -> list[str]:
                 "Equal learning rates (secondary; the paper's \"same lr_max\", sec. 4.2): "
                 "post-LN with its best warm-up vs pre-LN without warm-up on its best decay, "
                 "at each peak lr:", "", equal_lr_table(runs, task), "",
-                f"Every cell: final validation {metric}, mean ± std over seeds, token accuracy "
+                f"Every cell: final validation {metric}, {verdicts.SPREAD_TEXT}, token accuracy "
                 "(runs that did not learn):", "", sweep_table(runs, task), ""]
         if task == "mlm":
             out += ["MLM and NSP apart (BERT trains on their sum; NSP is an uninformed "
@@ -319,7 +319,7 @@ def markdown(preset: Preset, results: Results, figures: list[str], timing: dict 
     out += ["## Settings", ""] + _settings(preset) + [""]
     out += ["## Gradient norms at initialization",
             "", "Last layer's |mean dL/dW2| (FFN output kernel, `mlp/down`, of the layer next "
-            "to the output), mean ± std over seeds:", "",
+            f"to the output), {verdicts.SPREAD_TEXT}:", "",
             gradnorm_table(results.gradnorm), ""]
     out += _task_sections(preset, results)
     out += ["## Many runs per compiled program (jax.vmap)", "", vmap_section(results), ""]
