@@ -324,7 +324,8 @@ def speed(runs: list[dict], task: str) -> tuple[str, list[str], dict]:
     s_post, s_pre = steps_to(post, target), steps_to(pre, target)
     info = {"target": target, "post": (key_post, s_post), "pre": (key_pre, s_pre)}
     text = (f"{task}: target = best final val loss of post-LN with warm-up "
-            f"({_name(task, 'post', key_post)}, mean of {len(post)} seeds) = {target:.3f}, "
+            f"({_name(task, 'post', key_post)}, "
+            f"{f'mean of {len(post)} seeds' if len(post) > 1 else 'one seed'}) = {target:.3f}, "
             f"reached at step {s_post}; pre-LN without warm-up at its best setting "
             f"({_name(task, 'pre', key_pre)}, final {_final(pre):.3f}) reaches it at step "
             f"{_when(s_pre)}")
