@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -121,9 +122,16 @@ def main(argv=None) -> Path:
     if not args.report_only:
         log(f"preset {preset.name} -> {out}")
         log(bench.estimate_line(preset))
-        bench.run_gradnorm(preset, out, cache, log)
-        for sweep in preset.sweeps:
-            bench.run_sweep(preset, sweep, out, cache, log)
+        try:
+            bench.run_gradnorm(preset, out, cache, log)
+            for sweep in preset.sweeps:
+                bench.run_sweep(preset, sweep, out, cache, log)
+        except KeyboardInterrupt:   # Ctrl-C, a notebook's stop button, timeout -s INT
+            # Each record is appended whole once its program has run, so what finished
+            # is kept; the interrupted program's runs are redone.
+            print(f"ln_stability: interrupted; the records written so far are kept in "
+                  f"{str(out)!r}: rerun the same command to continue", file=sys.stderr)
+            raise
     timing = None if args.report_only else {
         "wall_s": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu0,
         "args": "" if args.seeds is None else f" --seeds {','.join(map(str, args.seeds))}",
@@ -141,4 +149,7 @@ def _cpu_s() -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # main said what is kept; no traceback for a Ctrl-C
+        sys.exit(130)

@@ -54,6 +54,12 @@ def test_generate_prints_text(gpt_run, capsys):
     err = capsys.readouterr().err
     assert "--prompt encodes to" in err and "--max-new-tokens 100000" in err and \
         "max_len=" in err and "Traceback" not in err
+    # --prompt beside --input-file would be dropped: refused instead.
+    prompts = gpt_run.parent / "prompts.txt"
+    prompts.write_text("import\n")
+    assert main(["generate", "--model", str(gpt_run), "--input-file", str(prompts),
+                 "--prompt", "zz"]) == 2
+    assert "--prompt 'zz' and --input-file" in capsys.readouterr().err
 
 
 def test_bert_trains_and_embeds(tmp_path, capsys):
@@ -294,6 +300,14 @@ def test_metrics_log_drops_a_partial_last_line_and_names_a_damaged_one(tmp_path)
     log.path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
     with pytest.raises(ValueError, match=f"^{re.escape(str(log.path))}:2: not valid JSON"):
         log.truncate(3)
+    # A byte that is not UTF-8 is damage of its line too (records are ASCII JSON): named
+    # by file and line before the last, a cut-short record on the last.
+    log.path.write_bytes(b'{"step": 1}\n{"step": 2, "x": "\xff"}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"^{re.escape(str(log.path))}:2: not valid JSON "
+                                         r"\(a byte that is not UTF-8\)"):
+        log.read()
+    log.path.write_bytes(b'{"step": 1}\n{"step": 2}\n\xff\xfe\n')
+    assert [r["step"] for r in log.read()] == [1, 2]
 
 
 def test_summary_and_metrics_are_strict_json_with_a_robust_mfu(tiny_runs):
@@ -577,3 +591,16 @@ def test_a_loaded_run_names_the_step_of_its_checkpoint_not_its_steps(api_runs):
     stopped, full = load_model_dir(root / "stop")[4], load_model_dir(root / "full")[4]
     assert "checkpoint step 5 of 12" in stopped and "step 12" not in stopped, stopped
     assert "checkpoint step 12 of 12" in full, full
+
+
+def test_a_run_config_takes_numpy_scalars_as_python_numbers():
+    """A sweep script that computes its settings with numpy (np.float32 lr, np.int64
+    steps) gets the RunConfig of the Python numbers, which the run directory can store
+    as JSON (json refuses both numpy types)."""
+    config = RunConfig(lr=np.float32(0.5), steps=np.int64(7), warmup=np.int64(2),
+                       overrides=(("max_len", np.int64(512)),), layer_norms=np.bool_(True))
+    expected = RunConfig(lr=float(np.float32(0.5)), steps=7, warmup=2,
+                         overrides=(("max_len", 512),), layer_norms=True)
+    assert config == expected
+    assert (type(config.lr), type(config.steps), type(config.layer_norms)) == (float, int, bool)
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == expected

@@ -80,6 +80,22 @@ def test_classify_learns_and_predicts(tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["label"] for r in rows] == ["math", "files", "web"]
     assert all(1 / 3 < r["probability"] <= 1 for r in rows)
+    # The checkpoint holds the label set it was trained with: a labels.json edited since
+    # (another order would swap the predictions silently, another count fail as a shape
+    # mismatch) is refused by name, by predict and by --resume; restored, it works again.
+    labels_file = tmp_path / "classify" / "labels.json"
+    original = labels_file.read_text()
+    for edited in (sorted(TOPICS)[::-1], sorted(TOPICS) + ["extra"]):
+        labels_file.write_text(json.dumps({"task": "classify", "labels": edited}))
+        for argv in (args, ["train", "--out", str(tmp_path / "classify"), "--resume"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"label file '{labels_file}' holds {edited}, but the checkpoint was trained " \
+                   f"with {sorted(TOPICS)}" in err and err.count("\n") == 1, err
+    labels_file.write_text(original)
+    assert main(args) == 0
+    assert [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()] == \
+        ["math", "files", "web"]
 
 
 @pytest.mark.slow
@@ -100,6 +116,15 @@ def test_tag_learns_entities_and_predicts_words(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert len(json.loads(out)["tags"]) == 28
     assert "note: 1 input(s) (first: number 1) have more than 22 word pieces" in err, err
+    # A string of tokens would be tagged character by character, and a pair has no
+    # meaning for a tagger: both refused in one line, as training refuses the first.
+    as_string = _write(tmp_path / "string.jsonl", [{"tokens": "def alpha"}])
+    for argv, expect in (
+            (["--input-file", str(as_string)], f"{as_string}':1: field 'tokens' must be a list of words"),
+            (["--text", "def alpha", "--text-pair", "beta"], "--text-pair 'beta': --model")):
+        assert main(["predict", "--model", str(tmp_path / "tag"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert expect in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.slow
@@ -179,3 +204,11 @@ def test_predict_names_its_input_file_before_reading_the_model(tmp_path, capsys)
         assert main(["predict", "--model", str(tmp_path / "no_run"), "--input-file", str(path)]) == 2
         err = capsys.readouterr().err
         assert expect in err and err.count("\n") == 1, err
+    # Texts given two ways: refused, not one of them dropped.
+    good = tmp_path / "good.txt"
+    good.write_text("one text\n")
+    for extra, given in ((["--text", "other"], "--text"), (["--text-pair", "b"], "--text-pair")):
+        assert main(["predict", "--model", str(tmp_path / "no_run"), "--input-file", str(good),
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{given} and --input-file" in err and err.count("\n") == 1, err

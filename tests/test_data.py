@@ -261,6 +261,54 @@ def test_tokenizer_cache_reuses_trained_file(synthetic, monkeypatch):
         train_wordpiece(synthetic.corpus, vocab_size=401, cache_dir=synthetic.cache)
 
 
+def test_damaged_tokenizer_and_label_files_are_named_and_a_damaged_cache_entry_retrains(
+        synthetic, tmp_path):
+    """tokenizers raises a bare Exception with its Rust message; the library names the
+    file. A damaged entry of the cache is trained again, as a missing one is, and the
+    files written get the umask's permissions (not mkstemp's 0600)."""
+    from transformer_jax.data.labeled import LabelSet
+    bad = tmp_path / "tokenizer.json"
+    for damage in (b"", b"{}", b'{"version": "1.0", "mod', b"\xff\xfe{"):
+        bad.write_bytes(damage)
+        with pytest.raises(ValueError, match=f"tokenizer file '{re.escape(str(bad))}' is "
+                                             "damaged or not a tokenizer"):
+            Tokenizer.from_file(bad)
+    labels = tmp_path / "labels.json"
+    for damage in (b"", b"[1, 2]", b'{"task": "classify"}', b"\xff"):
+        labels.write_bytes(damage)
+        with pytest.raises(ValueError, match=f"label file '{re.escape(str(labels))}' is damaged"):
+            LabelSet.load(labels)
+    text = " ".join(synthetic.sentences[5])
+    first = train_wordpiece(synthetic.corpus, vocab_size=400, cache_dir=tmp_path / "cache")
+    Path(first.path).write_text('{"trunc')
+    again = train_wordpiece(synthetic.corpus, vocab_size=400, cache_dir=tmp_path / "cache")
+    assert again.path == first.path and again.encode(text) == first.encode(text)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert Path(again.path).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not list(Path(again.path).parent.glob("*.tmp"))
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Files saved by Windows tools (Notepad, Excel's "CSV UTF-8") start with U+FEFF:
+    read as utf-8-sig, the mark is neither part of a CSV header, a JSON line, an
+    input line nor a corpus document."""
+    from transformer_jax.data.labeled import read_labeled
+    from transformer_jax.run.files import input_lines
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.csv").write_bytes(bom + b"text,label\nhello there,pos\nbad day,neg\n")
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "hello there", "label": "pos"}\n')
+    assert [e.text for e in read_labeled(tmp_path / "a.csv", "classify")] == ["hello there", "bad day"]
+    assert [e.text for e in read_labeled(tmp_path / "a.jsonl", "classify")] == ["hello there"]
+    (tmp_path / "in.txt").write_bytes(bom + b"good day\n\nbad day\n")
+    assert input_lines(tmp_path / "in.txt") == ["good day", "bad day"]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "one.txt").write_bytes(bom + b"First sentence here. Second one there.\n")
+    (tmp_path / "docs" / "two.txt").write_bytes(bom + b"Another document. With two sentences.\n")
+    corpus = text_corpus(tmp_path / "docs")
+    assert not any("\ufeff" in s for doc in corpus.documents for s in doc), corpus.documents
+
+
 def test_cache_dir_env_var(synthetic, tmp_path, monkeypatch):
     small, _ = split_corpus(synthetic.corpus, 0.5, seed=0)
     monkeypatch.setenv("TRANSFORMER_JAX_CACHE", str(tmp_path))

@@ -481,3 +481,17 @@ def test_the_reported_spread_is_the_sample_std_of_the_seeds():
     assert verdicts.fmt([1.0, 2.0, 3.0, float("nan"), None]) == "2 ± 1"
     assert verdicts.fmt([5.25]) == "5.25" and verdicts.fmt([None]) == "n/a"
     assert verdicts.spread([2.0]) == 0.0
+
+
+def test_an_interrupted_benchmark_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a notebook's stop button) mid-sweep: one line saying the records are
+    kept and a rerun continues, then the KeyboardInterrupt itself (the command line
+    turns it into exit status 130 without a traceback)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "run_gradnorm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ln_stability.main(["--preset", "micro", "--out", str(tmp_path / "ln"), "--quiet"])
+    err = capsys.readouterr().err
+    assert f"interrupted; the records written so far are kept in '{tmp_path / 'ln'}'" in err
+    assert "rerun the same command to continue" in err

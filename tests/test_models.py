@@ -203,6 +203,9 @@ def test_generate_rejects_bad_arguments(kwargs, match):
     (dict(norm_type="batchnorm"), "norm_type='batchnorm' is not valid"),
     (dict(num_layers=0), "num_layers=0 must be a positive integer"),
     (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
+    (dict(attention={"kind": "chunked", "query_chunk": True}),   # not a chunk of 1
+     "attention.query_chunk=True is invalid for kind='chunked': it must be an int >= 1"),
+    (dict(attention={"kind": "xla", "random_seed": False}), "random_seed=False is invalid"),
 ])
 def test_invalid_configs(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -240,6 +243,33 @@ def test_unknown_override_is_named_with_the_valid_fields(name, overrides, unknow
 def test_family_fields_are_checked_where_they_enter(name, bad, match):
     with pytest.raises(ValueError, match=match):
         get_config(name, **bad)
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "bert-tiny", "transformer-tiny"])
+def test_numpy_scalars_in_a_config_become_the_python_numbers_they_equal(name):
+    """np.int64 / np.float32 / np.bool_ (what numpy arithmetic returns) are taken as the
+    int / float / bool they equal, family fields and attention fields included: the
+    config equals and hashes like the Python-built one and survives the JSON that
+    checkpoints store (json refuses np.float32 and np.int64)."""
+    import json
+    from transformer_jax.training.config_io import config_from_dict, config_to_dict
+    family = {"gpt-tiny": dict(loss_chunk=16), "bert-tiny": dict(type_vocab_size=3),
+              "transformer-tiny": dict(num_decoder_layers=3)}[name]
+    python = dict(d_model=64, num_heads=4, dropout=0.25, scan_layers=True, **family,
+                  attention={"kind": "xla", "global_positions": (0, 3), "random_seed": 7})
+    as_numpy = lambda v: (np.bool_(v) if isinstance(v, bool) else np.int64(v)
+                          if isinstance(v, int) else np.float32(v))
+    numpy = {k: as_numpy(v) for k, v in python.items() if k != "attention"}
+    numpy["attention"] = {"kind": "xla", "global_positions": [np.int32(0), np.int64(3)],
+                          "random_seed": np.int64(7)}
+    config, expected = get_config(name, **numpy), get_config(name, **python)
+    assert config == expected and hash(config) == hash(expected)
+    for key in (*family, "d_model", "dropout", "scan_layers"):
+        assert type(getattr(config, key)) is type(python[key]), key
+    assert all(type(p) is int for p in config.attention.global_positions)
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == expected
+    with pytest.raises(ValueError, match="d_model=64.5 must be a positive integer"):
+        get_config(name, d_model=np.float64(64.5))   # a non-integral value is still refused
 
 
 def test_bert_without_segment_embeddings_is_valid():

@@ -14,8 +14,8 @@ from transformer_jax.attention import registry
 from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.initializers import INIT_SCHEMES
 from transformer_jax.positional import POSITION_KINDS
-from transformer_jax.validation import (boolean, choice, known_fields, positive_int, positive_number,
-                                        probability)
+from transformer_jax.validation import (boolean, choice, known_fields, plain_scalars, positive_int,
+                                        positive_number, probability)
 
 NORM_PLACEMENTS = ("post", "pre", "sandwich", "deepnorm")
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -91,6 +91,7 @@ class TransformerConfig:
     scan_layers: bool = False
 
     def __post_init__(self):
+        plain_scalars(self)   # np.int64(64) -> 64: every subclass's fields, before any check
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_len"):
             positive_int(name, getattr(self, name))
         if self.d_model % self.num_heads:

@@ -11,6 +11,33 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
+
+def plain_scalars(config) -> None:
+    """Replace the numpy scalars in the fields of the (frozen) dataclass `config`, inside
+    tuples and lists too, by the Python int / float / bool / str they equal:
+    `np.int64(64)`, `np.float32(0.1)`, `np.bool_(True)` are what arithmetic on numpy
+    arrays hands back. The checks below then see one type per kind, and the config stays
+    JSON-serialisable (checkpoints and run directories store it; `json` refuses
+    np.float32 and np.int64) and equal to, and hashed like, the one built from Python
+    numbers. Called first by the model, attention and run configs' `__post_init__`."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        plain = _plain(value)
+        if plain is not value:
+            object.__setattr__(config, field.name, plain)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value) in (tuple, list):   # a namedtuple keeps its type and values
+        items = [_plain(v) for v in value]
+        if any(a is not b for a, b in zip(items, value)):
+            return type(value)(items)
+    return value
+
 
 def is_int(value: Any) -> bool:
     """An int that is not a bool: Python counts True as 1, a config should not."""
@@ -57,9 +84,9 @@ def boolean(name: str, value: Any) -> None:
 
 def int_at_least(name: str, value: Any, minimum: int, *, where: str = "") -> None:
     """ValueError "{name}={value!r} is invalid{where}: it must be an int >= {minimum}"
-    unless value is an int >= minimum; `where` qualifies the field, e.g.
-    " for kind='local'". A bool passes as the int it is."""
-    if not isinstance(value, int) or value < minimum:
+    unless value is an int (not a bool, as `is_int`) >= minimum; `where` qualifies the
+    field, e.g. " for kind='local'"."""
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name}={value!r} is invalid{where}: it must be an int >= {minimum}")
 
 

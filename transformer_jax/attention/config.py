@@ -57,6 +57,7 @@ class AttentionConfig:
         # Checks every kind needs; each kind checks the fields it reads
         # (`registry.validate`). A list of global positions is kept as a tuple, so
         # the config stays hashable (a jit static argument, a module attribute).
+        validation.plain_scalars(self)
         if isinstance(self.global_positions, list):
             object.__setattr__(self, "global_positions", tuple(self.global_positions))
         if not isinstance(self.global_positions, tuple) or \

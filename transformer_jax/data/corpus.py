@@ -299,7 +299,7 @@ def _text_files(path: Path) -> list[Path]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")   # a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
                          f"{e.start}); give text files") from e

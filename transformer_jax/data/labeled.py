@@ -102,8 +102,8 @@ def _utf8_text(path: Path, name: str) -> str:
     """The file's text; ValueError naming the line and byte of the first byte that is
     not UTF-8 (the decoder's own message names neither the file nor the line)."""
     data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
+    try:   # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the header
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{name}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); "
@@ -262,7 +262,13 @@ class LabelSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LabelSet":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """`save`'s file; ValueError naming it if it is damaged (not UTF-8 JSON, or not
+        a label set)."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, ValueError) as e:   # JSONDecodeError is a ValueError
+            raise ValueError(f"label file {str(path)!r} is damaged ({e}); it holds "
+                             '{"task": ..., "labels": [...]} as the run wrote it') from None
 
 
 # -- encoding ------------------------------------------------------------------

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -210,6 +210,16 @@ class Tokenizer:
                              "tokenizer.json nor vocab.txt")
         if not path.is_file():
             raise ValueError(f"tokenizer path {str(path)!r} does not exist")
+        try:
+            return cls._from_file(path, lowercase)
+        except ValueError:
+            raise
+        except Exception as e:   # tokenizers raises a bare Exception (its Rust error text)
+            raise ValueError(f"tokenizer file {str(path)!r} is damaged or not a tokenizer "
+                             f"({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_file(cls, path: Path, lowercase: bool) -> "Tokenizer":
         if path.suffix == ".txt":
             vocab = models.WordPiece.read_file(str(path))
             if UNK not in vocab:
@@ -232,9 +242,11 @@ def _bert_pipeline(model, lowercase: bool) -> hf.Tokenizer:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    # Write-then-rename so concurrent processes never read a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    # Write-then-rename so concurrent processes never read a half-written file. The
+    # temporary name is unique and opened with open(), not mkstemp (mode 0600): the
+    # file gets the umask's permissions, as every other file of a run directory does.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "x", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
 
@@ -288,7 +300,10 @@ def train_tokenizer(corpus: Corpus, kind: str = "wordpiece", vocab_size: int = 4
     directory = directory / f"{kind}-{vocab_size}-{key}"
     path = directory / "tokenizer.json"
     if path.is_file():
-        return Tokenizer.from_file(path)
+        try:
+            return Tokenizer.from_file(path)
+        except ValueError:   # a damaged cache entry is retrained, as a missing one is
+            pass
     tok = Tokenizer(_train_hf(corpus, kind, vocab_size, min_frequency, lowercase))
     tok.save(directory)
     _atomic_write(directory / "settings.json", json.dumps(settings, indent=1, sort_keys=True))

@@ -51,7 +51,8 @@ def _train_parser(sub, common) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for flag, (field, options) in train_flags().items():
         p.add_argument(flag, dest=field, default=argparse.SUPPRESS, **options)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar or status lines (what --init loaded is still said)")
 
 
 def _model_arg(p) -> None:
@@ -61,6 +62,7 @@ def _model_arg(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `transformer-jax` and its sub-commands."""
+    from transformer_jax.run.generation import DEFAULT_PROMPT   # numpy only: light
     parser = argparse.ArgumentParser(prog="transformer-jax", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", action="store_true",
@@ -70,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = dict(parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = sub.add_parser("generate", help="prompt -> text from a GPT or encoder-decoder run", **fmt)
     _model_arg(g)
-    g.add_argument("--prompt", default="def ", help="text to continue (GPT) or translate (seq2seq)")
+    g.add_argument("--prompt", default=None,
+                   help="text to continue (GPT) or translate (seq2seq); none and no "
+                        f"--input-file: {DEFAULT_PROMPT!r}")
     g.add_argument("--input-file", default=None,
                    help="a UTF-8 file with one input per line (instead of --prompt)")
     g.add_argument("--beam-size", type=int, default=1,

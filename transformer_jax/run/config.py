@@ -128,6 +128,7 @@ class RunConfig:
                                 "data=<all devices>)", type=str)
 
     def __post_init__(self):
+        validation.plain_scalars(self)   # stored as JSON in the run directory
         _check("model", self.model in PRESETS, self.model, f"one of {', '.join(PRESETS)}")
         _check("task", self.task in TASKS, self.task, f"one of {', '.join(TASKS)}")
         preset_family = families.family_of(PRESETS[self.model][0])

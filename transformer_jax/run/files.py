@@ -64,11 +64,16 @@ class MetricsLog:
         file and line."""
         if not self.path.is_file():
             return [], False
-        lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), 1)
-                 if line.strip()]
+        # Records are ASCII JSON, so a byte that is not UTF-8 is damage of its line
+        # (decoded as U+FFFD, then refused below), not an error without a file name.
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         records = []
         for i, (n, line) in enumerate(lines):
             try:
+                if "\ufffd" in line:
+                    raise json.JSONDecodeError("a byte that is not UTF-8", line,
+                                               line.index("\ufffd"))
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 if i == len(lines) - 1:
@@ -104,7 +109,9 @@ def input_lines(path, flag: str = "--input-file") -> list[str]:
     if not path.is_file():
         raise ValueError(f"{flag} {str(path)!r} is not a file")
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # utf-8-sig: a byte-order mark (Notepad's UTF-8) is not part of the first input
+        lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines()
+                 if line.strip()]
     except UnicodeDecodeError as e:
         raise ValueError(f"{flag} {str(path)!r} is not UTF-8 text ({e.reason} at byte "
                          f"{e.start})") from e

@@ -64,18 +64,29 @@ def datasets(run, out: Path, tokenizer: Tokenizer | None):
     return tokenizer, train, valid, labels
 
 
-def task_of(run_task: str, run_dir) -> object:
-    """The run's task, with its saved label set for a fine-tuning run."""
+def task_of(run_task: str, run_dir, metadata: dict | None = None) -> object:
+    """The run's task, with its saved label set for a fine-tuning run (checked against
+    the checkpoint's `metadata`, see `load_labels`)."""
     if not is_finetune(run_task):
         return get_task(run_task)
-    return get_task(run_task, labels=load_labels(run_dir))
+    return get_task(run_task, labels=load_labels(run_dir, metadata))
 
 
-def load_labels(run_dir) -> LabelSet:
+def load_labels(run_dir, metadata: dict | None = None) -> LabelSet:
+    """labels.json of a fine-tuning run. Given a checkpoint's metadata, which holds the
+    label set the head was trained with (checkpoints written before it was stored hold
+    none), a labels.json that differs from it is refused: another count would fail as a
+    checkpoint shape mismatch, another order would silently swap the predicted labels."""
     path = Path(run_dir) / LABELS_FILE
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} has no {LABELS_FILE}: it is not a fine-tuning run")
-    return LabelSet.load(path)
+    labels = LabelSet.load(path)
+    saved = (metadata or {}).get("labels")
+    if saved is not None and saved != labels.to_dict():
+        raise ValueError(f"label file {str(path)!r} holds {labels.to_dict()['labels']}, but the "
+                         f"checkpoint was trained with {saved['labels']} (in that order): the "
+                         "file was changed after training; restore it")
+    return labels
 
 
 def _predict_inputs(args) -> list[tuple[int | None, dict]]:
@@ -83,6 +94,10 @@ def _predict_inputs(args) -> list[tuple[int | None, dict]]:
     --text-pair) or --input-file's plain lines (a text, or whitespace-separated words
     for tag), line None; or --input-file's .jsonl records with the training fields,
     their line numbers (`_records` checks the fields once the task is known)."""
+    if args.input_file is not None and (args.text or args.text_pair is not None):
+        given = "--text" if args.text else "--text-pair"
+        raise ValueError(f"{given} and --input-file {args.input_file!r}: give texts one way "
+                         "(a .jsonl --input-file takes text_pair fields)")
     if args.input_file is None:
         if not args.text:
             raise ValueError("predict needs --text (repeatable) or --input-file")
@@ -98,6 +113,11 @@ def _records(rows, task_name: str, path) -> list[dict]:
     for line, record in rows:
         if line is not None and field not in record:
             raise ValueError(f"--input-file {str(path)!r}:{line}: record has no field {field!r}")
+        tokens = record.get("tokens") if line is not None and field == "tokens" else []
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            # A string would be tagged character by character; training refuses it too.
+            raise ValueError(f"--input-file {str(path)!r}:{line}: field 'tokens' must be a "
+                             f"list of words (strings), got {tokens!r}")
     return [record for _, record in rows]
 
 
@@ -123,8 +143,11 @@ def predict(args) -> list[dict]:
     if not is_finetune(run.task):
         raise ValueError(f"--model {args.model!r} is a {run.task} run; predict needs a "
                          f"fine-tuned run ({', '.join(n for n in TASKS if is_finetune(n))})")
-    labels = load_labels(args.model)
+    labels = load_labels(args.model)   # load_run checked it against the checkpoint
     records = _records(rows, run.task, args.input_file)
+    if run.task == "tag" and args.text_pair is not None:
+        raise ValueError(f"--text-pair {args.text_pair!r}: --model {args.model!r} is a tag run, "
+                         "which labels the words of one text; pairs are for classify runs")
     if run.task == "tag":
         words = [r["tokens"] if "tokens" in r else r["text"].split() for r in records]
         _note_cut_words(tokenizer, words, run.seq_len)

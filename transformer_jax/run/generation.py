@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+DEFAULT_PROMPT = "def "   # the embedded corpus is Python's docstrings and code
+
 
 def check_flags(args) -> None:
     """The sampling and search flags, before any checkpoint is read."""
@@ -29,9 +31,13 @@ def check_flags(args) -> None:
 
 
 def inputs(args) -> list[str]:
-    """The texts to generate from: --input-file's lines (blank ones skipped), else --prompt."""
+    """The texts to generate from: --input-file's lines (blank ones skipped), else --prompt
+    (`DEFAULT_PROMPT` without either); both at once is a usage error, not one dropped."""
     if args.input_file is None:
-        return [args.prompt]
+        return [DEFAULT_PROMPT if args.prompt is None else args.prompt]
+    if args.prompt is not None:
+        raise ValueError(f"--prompt {args.prompt!r} and --input-file {args.input_file!r}: "
+                         "give one of them (the file's lines are the prompts)")
     from transformer_jax.run.files import input_lines
     return input_lines(args.input_file)
 

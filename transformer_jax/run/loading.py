@@ -33,7 +33,7 @@ def _load_run(path, step: int | None):
     config = config_from_dict(record["config"])
     run = RunConfig.from_dict(record["metadata"]["run"])
     tx, _ = optimizer(run)  # shapes the restore target; optimizer values are unused here
-    target = abstract_train_state(config, tx, task=task_of(run.task, path))
+    target = abstract_train_state(config, tx, task=task_of(run.task, path, record["metadata"]))
     state, _ = restore_checkpoint(path / "checkpoints", target, step=record["step"], config=config)
     tokenizer = Tokenizer.from_file(path / record["metadata"].get("tokenizer", "tokenizer"))
     return config, state.params, tokenizer, run, record["step"]

@@ -164,9 +164,11 @@ def fresh_state(run: RunConfig, config, strategy: Strategy | None = None, task=N
     return state.replace(params=params)
 
 
-def _restore(ckpt: Checkpointer, state, config, iterator, monitor, run: RunConfig):
+def _restore(ckpt: Checkpointer, state, config, iterator, monitor, run: RunConfig, run_dir):
     if ckpt.latest_step() is None:
         return state
+    if finetune.is_finetune(run.task):   # labels.json vs the checkpoint's, before its shapes
+        finetune.load_labels(run_dir, ckpt.read_metadata()["metadata"])
     state, record = ckpt.restore(state, config=config)
     meta = record["metadata"]
     run.resume_changes(RunConfig.from_dict(meta["run"]))   # ValueError naming the flags
@@ -175,9 +177,12 @@ def _restore(ckpt: Checkpointer, state, config, iterator, monitor, run: RunConfi
     return state
 
 
-def _save(ckpt, state, config, run, iterator, monitor_state: dict, *, force=False) -> bool:
+def _save(ckpt, state, config, run, iterator, monitor_state: dict, labels, *,
+          force=False) -> bool:
     meta = {"run": run.to_dict(), "iterator": iterator.state(), "monitor": monitor_state,
             "tokenizer": "tokenizer"}
+    if labels is not None:   # a fine-tuning head's label set, in its order (load_labels)
+        meta["labels"] = labels.to_dict()
     return ckpt.save(int(state.step), state, config=config, metadata=meta, force=force)
 
 
@@ -229,7 +234,7 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
         tokenizer.save(out / "tokenizer")
     if data.labels is not None and not (out / finetune.LABELS_FILE).is_file():
         data.labels.save(out / finetune.LABELS_FILE)
-    if data.note and progress:
+    if data.note:   # what --init loaded: said even without progress output (provenance)
         print(data.note, flush=True)
     if progress and run.parallel == "auto" and jax.device_count() > 1:
         print(f"--parallel {run.parallel}: {strategy.mode} over {jax.device_count()} "
@@ -240,6 +245,7 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
     state = fresh_state(run, config, strategy, task, data.pretrained)
     # What the loop and its helpers share (checkpointer added once open).
     loop = types.SimpleNamespace(run=run, config=config, strategy=strategy, task=task,
+                                 labels=data.labels,
                                  pretrained=data.pretrained, iterator=BatchIterator(
         train_ds, run.batch_size, seed=run.seed), step_fn=strategy.train_step(task, detailed=run.layer_norms))
     monitor, log = DivergenceMonitor(), MetricsLog(out / "metrics.jsonl")
@@ -253,7 +259,8 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
     with Checkpointer(out / "checkpoints", save_interval_steps=run.save_every,
                       max_to_keep=run.keep) as ckpt, GracefulShutdown() as stop:
         loop.ckpt = ckpt
-        state = strategy.place_state(_restore(ckpt, state, config, loop.iterator, monitor, run))
+        state = strategy.place_state(_restore(ckpt, state, config, loop.iterator, monitor, run,
+                                              out))
         start_step = int(host(state).step)
         if run.resume:
             summary["resumed_from"] = start_step
@@ -270,7 +277,8 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
             summary["status"] = "stopped"
         monitor_state = getattr(loop, "monitor_state", None) or \
             {**monitor.state_dict(), "diverged_at": None}   # as of the saved step
-        _save(ckpt, host(state), config, run, loop.iterator, monitor_state, force=True)
+        _save(ckpt, host(state), config, run, loop.iterator, monitor_state, loop.labels,
+              force=True)
     if not run.peak_tflops:
         peaks.append(_peak_flops(run))
     return _finish(out, summary, host(state), eval_fn, valid_ds, run, monitor, peaks, task)
@@ -317,7 +325,7 @@ def _run_steps(state, step, loop, task, monitor, log, summary, stop, extra):
                        **evaluate(eval_fn, host(state), valid_ds, run, loop.task)})
         if step % run.save_every == 0:   # just flushed: every step so far is verified
             _save(loop.ckpt, host(state), loop.config, run, loop.iterator,
-                  {**monitor.state_dict(), "diverged_at": None})
+                  {**monitor.state_dict(), "diverged_at": None}, loop.labels)
     bar.close()
     return state, step
 
