@@ -120,7 +120,7 @@ def test_tag_learns_entities_and_predicts_words(tmp_path, capsys):
     # meaning for a tagger: both refused in one line, as training refuses the first.
     as_string = _write(tmp_path / "string.jsonl", [{"tokens": "def alpha"}])
     for argv, expect in (
-            (["--input-file", str(as_string)], f"{as_string}':1: field 'tokens' must be a list of words"),
+            (["--input-file", str(as_string)], f"{as_string}':1: field 'tokens' must be list, got str 'def alpha'"),
             (["--text", "def alpha", "--text-pair", "beta"], "--text-pair 'beta': --model")):
         assert main(["predict", "--model", str(tmp_path / "tag"), *argv]) == 2
         err = capsys.readouterr().err

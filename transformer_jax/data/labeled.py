@@ -126,7 +126,9 @@ def _field(path, line, record, name, kinds, optional=False):
     return value
 
 
-def _words(path, line, record, name, csv_file: bool) -> tuple[str, ...]:
+def words_field(path, line, record, name, csv_file: bool) -> tuple[str, ...]:
+    """Field `name` of a tag record as its words: a list of non-empty strings (in a CSV
+    file, one whitespace-separated string); ValueError naming `path`, `line` and the field."""
     value = _field(path, line, record, name, (str,) if csv_file else (list,))
     words = value.split() if csv_file else value
     for i, w in enumerate(words):
@@ -157,8 +159,8 @@ def _classify_example(path, line, record, csv_file) -> ClassifyExample:
 
 
 def _tag_example(path, line, record, csv_file) -> TagExample:
-    tokens = _words(path, line, record, "tokens", csv_file)
-    tags = _words(path, line, record, "tags", csv_file)
+    tokens = words_field(path, line, record, "tokens", csv_file)
+    tags = words_field(path, line, record, "tags", csv_file)
     if len(tags) != len(tokens):
         raise ValueError(f"{path}:{line}: field 'tags' has {len(tags)} tags for "
                          f"{len(tokens)} tokens; give one tag per token")

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from transformer_jax.data import Corpus, Tokenizer, train_tokenizer
-from transformer_jax.data.labeled import LabelSet, labeled_datasets, read_labeled, read_rows
+from transformer_jax.data.labeled import (LabelSet, labeled_datasets, read_labeled, read_rows,
+                                         words_field)
 from transformer_jax.run.files import input_lines
 from transformer_jax.models import registry
 from transformer_jax.training.tasks import TASKS, get_task
@@ -81,12 +82,18 @@ def load_labels(run_dir, metadata: dict | None = None) -> LabelSet:
     if not path.is_file():
         raise ValueError(f"{str(run_dir)!r} has no {LABELS_FILE}: it is not a fine-tuning run")
     labels = LabelSet.load(path)
-    saved = (metadata or {}).get("labels")
+    check_labels(labels, metadata or {}, path)
+    return labels
+
+
+def check_labels(labels: LabelSet, metadata: dict, path) -> None:
+    """ValueError unless `labels` (read from `path`) is the set a checkpoint's `metadata`
+    says its head was trained with, in order (none stored: nothing to check)."""
+    saved = metadata.get("labels")
     if saved is not None and saved != labels.to_dict():
         raise ValueError(f"label file {str(path)!r} holds {labels.to_dict()['labels']}, but the "
                          f"checkpoint was trained with {saved['labels']} (in that order): the "
                          "file was changed after training; restore it")
-    return labels
 
 
 def _predict_inputs(args) -> list[tuple[int | None, dict]]:
@@ -113,11 +120,9 @@ def _records(rows, task_name: str, path) -> list[dict]:
     for line, record in rows:
         if line is not None and field not in record:
             raise ValueError(f"--input-file {str(path)!r}:{line}: record has no field {field!r}")
-        tokens = record.get("tokens") if line is not None and field == "tokens" else []
-        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            # A string would be tagged character by character; training refuses it too.
-            raise ValueError(f"--input-file {str(path)!r}:{line}: field 'tokens' must be a "
-                             f"list of words (strings), got {tokens!r}")
+        if line is not None and field == "tokens":
+            # Training's check of the words: a string would be tagged character by character.
+            words_field(f"--input-file {str(path)!r}", line, record, "tokens", csv_file=False)
     return [record for _, record in rows]
 
 

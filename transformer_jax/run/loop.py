@@ -164,11 +164,12 @@ def fresh_state(run: RunConfig, config, strategy: Strategy | None = None, task=N
     return state.replace(params=params)
 
 
-def _restore(ckpt: Checkpointer, state, config, iterator, monitor, run: RunConfig, run_dir):
+def _restore(ckpt: Checkpointer, state, config, iterator, monitor, run: RunConfig, labels,
+             out: Path):
     if ckpt.latest_step() is None:
         return state
-    if finetune.is_finetune(run.task):   # labels.json vs the checkpoint's, before its shapes
-        finetune.load_labels(run_dir, ckpt.read_metadata()["metadata"])
+    if labels is not None:   # the run's labels.json vs the checkpoint's, before its shapes
+        finetune.check_labels(labels, ckpt.read_metadata()["metadata"], out / finetune.LABELS_FILE)
     state, record = ckpt.restore(state, config=config)
     meta = record["metadata"]
     run.resume_changes(RunConfig.from_dict(meta["run"]))   # ValueError naming the flags
@@ -260,7 +261,7 @@ def train(run: RunConfig, *, progress: bool = True) -> dict:
                       max_to_keep=run.keep) as ckpt, GracefulShutdown() as stop:
         loop.ckpt = ckpt
         state = strategy.place_state(_restore(ckpt, state, config, loop.iterator, monitor, run,
-                                              out))
+                                              loop.labels, out))
         start_step = int(host(state).step)
         if run.resume:
             summary["resumed_from"] = start_step
