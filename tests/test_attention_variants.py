@@ -524,6 +524,39 @@ def test_every_registered_kernel_validates_mask_and_bias_at_entry(name):
         _registry_call(name, q, k, v, bias=bias)
 
 
+# The accelerator kernels are checked on their devices (tests/test_speed_switches.py,
+# tests/test_splash.py); on a CPU they refuse to run.
+@pytest.mark.parametrize("name", [n for n in registry.names()
+                                  if n != "cudnn" and not n.startswith("splash")])
+def test_every_kernel_keeps_nan_and_ignores_what_padding_holds(name):
+    """A NaN query or key comes out as NaN rows, as the dense kernel's do (safe_divide
+    turned them into exact zeros in six kernels, hiding divergence). Padded keys, what
+    ever they hold, change nothing, and a sequence with no real key has finite
+    gradients: Performer took exp() of padded logits before masking them (inf * 0 =
+    NaN gradients for every projection; output 0 when a padded logit overflowed)."""
+    n = 16
+    q, k, v = (x[:, :n] for x in _qkv(5))
+    call = lambda q, k, v, mask: _registry_call(name, q, k, v, mask=mask)
+    nan_q = q.copy()
+    nan_q[0, 5, 0, 0] = np.nan
+    out = np.asarray(call(nan_q, k, v, None))
+    assert np.isnan(out[0, 5, 0]).all() and np.isfinite(out[1]).all()
+    nan_k = k.copy()
+    nan_k[0, 5, 0, 0] = np.nan
+    assert np.isnan(np.asarray(call(q, nan_k, v, None))[0]).any()
+    mask = np.ones((B, 1, 1, n), bool)
+    mask[0, ..., 10:] = False
+    mask[1] = False                        # no real key at all
+    loud = k.copy()
+    loud[:, 10:] = 30.0 * np.abs(loud[:, 10:])   # padded keys whose logits overflow exp
+    a, b = np.asarray(call(q, k, v, mask)), np.asarray(call(q, loud, v, mask))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.isfinite(a).all()
+    grads = jax.grad(lambda q, k, v: jnp.sum(call(q, k, v, mask) ** 2), argnums=(0, 1, 2))(
+        q, loud, v)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
 def test_kernels_called_directly_validate_their_mask():
     """The documented direct path (docs/attention.md, "Calling the kernels directly")
     gives the dense kernel's error too, and longformer checks its global_mask's batch."""
@@ -539,6 +572,41 @@ def test_kernels_called_directly_validate_their_mask():
         assert str(got.value) == str(want.value), fn
     with pytest.raises(ValueError, match=r"global_mask of shape \(3, 16\) must broadcast"):
         longformer_attention(q, k, v, global_mask=np.zeros((3, 16), bool))
+
+
+def test_kernels_called_directly_and_attention_configs_refuse_unusable_sizes():
+    """A window of -1 gave all-zero outputs, num_window_blocks=2 ran as 3, a block size
+    or chunk of 0 a ZeroDivisionError: each is a ValueError naming the argument (or
+    the config field) and the kind."""
+    q, k, v = _qkv(6, n=16)
+    features = orthogonal_random_features(16, D, 0)
+    calls = [
+        (lambda: local_attention(q, k, v, window=-1), r"window=-1 is invalid for kind='local'"),
+        (lambda: longformer_attention(q, k, v, max_global=-1),
+         r"max_global=-1 is invalid for kind='longformer'"),
+        (lambda: bigbird_attention(q, k, v, block_size=0), r"block_size=0 is invalid"),
+        (lambda: bigbird_attention(q, k, v, block_size=4, num_window_blocks=2),
+         r"num_window_blocks=2 must be odd"),
+        (lambda: bigbird_attention(q, k, v, block_size=4, num_random_blocks=-1),
+         r"num_random_blocks=-1 is invalid"),
+        (lambda: chunked_attention(q, k, v, key_chunk=-4), r"key_chunk=-4 is invalid for kind='chunked'"),
+        (lambda: linear_attention(q, k, v, causal=True, chunk=0), r"chunk=0 is invalid for kind='linear'"),
+        (lambda: performer_attention(q, k, v, features, causal=True, chunk=0),
+         r"chunk=0 is invalid for kind='performer'"),
+        (lambda: AttentionConfig(kind="nope"), r"attention.kind='nope' is not a known attention"),
+        (lambda: AttentionConfig(kind="local", window=-2),
+         r"attention.window=-2 is invalid for kind='local'"),
+        (lambda: AttentionConfig(kind="bigbird", block_size=0), r"attention.block_size=0 is invalid"),
+    ]
+    for call, match in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # A config built unchecked (as an old pickle might be) is checked on the registry path.
+    config = AttentionConfig(kind="local")
+    object.__setattr__(config, "window", -1)
+    with pytest.raises(ValueError, match=r"attention.window=-1 is invalid for kind='local'"):
+        registry.get("local").fn(q, k, v, mask=None, bias=None, causal=False, config=config,
+                                 extra={}, dropout_rate=0.0, dropout_rng=None, deterministic=True)
 
 
 def test_encoder_decoder_keeps_cross_attention_dense():

@@ -175,6 +175,22 @@ def test_decoder_forwards_kernel_kwargs_like_the_encoder():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_a_call_time_argument_no_kernel_reads_is_refused_not_dropped():
+    """`global_mask=` on a kind other than Longformer, or a misspelt one, was silently
+    ignored: the encoder ran without the global tokens the caller asked for."""
+    x = _x(shape=(2, 12, 16))
+    glob = (np.arange(12) % 5 == 1)[None]
+    for kind, kwargs, match in [
+            ("local", dict(global_mask=glob),
+             r"kind='local' takes no call-time argument 'global_mask'; it is read by kind "
+             r"'longformer'"),
+            ("longformer", dict(gloabl_mask=glob), r"'gloabl_mask'; no kind reads it")]:
+        cfg = CFG.replace(num_layers=1, attention=AttentionConfig(kind=kind, window=2))
+        params = Encoder(cfg).init(jax.random.PRNGKey(0), x)["params"]
+        with pytest.raises(ValueError, match=match):
+            Encoder(cfg).apply({"params": params}, x, **kwargs)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(dropout="0.1"), "dropout='0.1' must be in"),
     (dict(attention_dropout=None), "attention_dropout=None must be in"),
@@ -216,12 +232,13 @@ def test_a_list_of_global_positions_keeps_the_config_hashable():
 ])
 def test_multihead_attention_built_directly_checks_its_fields(module, match):
     """The README builds MultiHeadAttention without a TransformerConfig: its fields
-    and AttentionConfig once went unchecked (ZeroDivisionError, silent no-ops)."""
+    and AttentionConfig once went unchecked (ZeroDivisionError, silent no-ops). A size
+    no kind can use is refused by AttentionConfig itself, before any module."""
     from transformer_jax.attention import MultiHeadAttention
     x = np.random.default_rng(0).standard_normal((1, 12, 8)).astype(np.float32)
-    if "attention" in module:
-        module = {**module, "attention": AttentionConfig(**module["attention"])}
     with pytest.raises(ValueError, match=match):
+        if "attention" in module:
+            module = {**module, "attention": AttentionConfig(**module["attention"])}
         jax.eval_shape(MultiHeadAttention(**module).init, jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match=r"inputs_q must be \[..., seq, features\], got shape \(8,\)"):
         jax.eval_shape(MultiHeadAttention(num_heads=2).init, jax.random.PRNGKey(0), x[0, 0])

@@ -147,6 +147,24 @@ def test_empty_corpus_and_existing_run_dir(tmp_path, capsys):
     assert str(empty) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("with_config", [False, True])
+def test_a_checkpoint_not_written_by_train_is_refused_as_a_run(tmp_path, capsys, with_config):
+    """<dir>/checkpoints written by one's own Checkpointer: no run config (nor, without
+    config=, a model config) to rebuild the run from; one line, not a KeyError."""
+    import jax
+    import optax
+    from transformer_jax.models import get_config
+    from transformer_jax.training import Checkpointer, create_train_state
+    config = get_config("gpt-tiny", num_layers=1, d_model=16, num_heads=2, d_ff=32,
+                        vocab_size=40, max_len=8)
+    state = create_train_state(config, optax.sgd(0.1), jax.random.PRNGKey(0))
+    with Checkpointer(tmp_path / "own" / "checkpoints") as ckpt:
+        ckpt.save(1, state, config=config if with_config else None, force=True)
+    assert main(["generate", "--model", str(tmp_path / "own")]) == 2
+    err = capsys.readouterr().err
+    assert "without the model and run configs" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("where", ["everything", "state"])
 def test_corrupted_checkpoint_is_reported(gpt_run, tmp_path, capsys, where):
     """One line (the storage error's gist, no TensorStore spec); the rest with --verbose."""

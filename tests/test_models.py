@@ -391,3 +391,106 @@ def test_gpt_old_call_kwargs_warn_and_equal_the_methods():
         old = model.apply(v, ids, targets=targets)
     jax.tree.map(np.testing.assert_array_equal, old,
                  model.apply(v, ids, targets, method="token_stats"))
+
+
+def test_decoding_past_the_cache_is_an_error_eagerly_and_nan_under_jit():
+    """dynamic_update_slice clamps its start: a step past the cache's end overwrote the
+    last slot and returned plausible logits (max |diff| 1.9 from the full pass)."""
+    model = GPT(get_config("gpt-tiny", **TINY))
+    ids = _tokens(30, (2, 7))
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    _, state = model.apply({"params": params, "cache": init_cache(model, 2, 6)}, ids[:, :6],
+                           decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match=r"at cache index 6 run past the cache of 6 slots.*"
+                                         r"cache_len >= 7"):
+        model.apply({"params": params, "cache": state["cache"]}, ids[:, 6:], decode=True,
+                    mutable=["cache"])
+    step = jax.jit(lambda c, x: model.apply({"params": params, "cache": c}, x, decode=True,
+                                            mutable=["cache"])[0])
+    assert np.isfinite(np.asarray(step(init_cache(model, 2, 6), ids[:, :6]))).all()
+    assert np.isnan(np.asarray(step(state["cache"], ids[:, 6:]))).all()
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_decoding_keeps_the_prompts_padding_mask(scan_layers):
+    """A left-padded prompt prefilled with its attention_mask, then stepped without one:
+    every later step still hides the padded slots, as the full masked pass does (the
+    mask used to be broadcast over the cache: a shape error on prefill, the whole
+    prefix hidden on a step)."""
+    model = GPT(get_config("gpt-tiny", **TINY, scan_layers=scan_layers, position="rope"))
+    ids = _tokens(31, (2, 8))
+    mask = np.ones((2, 8), bool)
+    mask[1, :3] = False
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    full = model.apply({"params": params}, ids, attention_mask=mask)
+    step = jax.jit(lambda c, x, m: model.apply({"params": params, "cache": c}, x,
+                                               attention_mask=m, decode=True, mutable=["cache"]))
+    logits, state = step(init_cache(model, 2, 8), ids[:, :5], mask[:, :5])
+    out = [logits]
+    for t in range(5, 8):
+        logits, state = step(state["cache"], ids[:, t:t + 1], None if t < 7 else mask[:, t:t + 1])
+        out.append(logits)
+    out = np.asarray(jnp.concatenate(out, 1))
+    np.testing.assert_allclose(out[0], full[0], atol=1e-5)
+    np.testing.assert_allclose(out[1, 3:], full[1, 3:], atol=1e-5)   # the real tokens
+    seq2seq = EncoderDecoder(get_config("transformer-tiny", **TINY, scan_layers=scan_layers))
+    v = seq2seq.init(jax.random.PRNGKey(0), ids, ids)
+    memory = seq2seq.apply(v, ids, method="encode")
+    full = seq2seq.apply(v, memory, ids, tgt_mask=mask, method="decode")
+    dec = lambda c, t, m: seq2seq.apply({**v, "cache": c}, memory, t, tgt_mask=m, decode=True,
+                                        method="decode", mutable=["cache"])
+    cache = jax.eval_shape(lambda: seq2seq.apply(v, memory, ids, decode=True, method="decode",
+                                                 mutable=["cache"])[1])["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
+    logits, state = dec(cache, ids[:, :5], mask[:, :5])
+    later, _ = dec(state["cache"], ids[:, 5:], None)
+    out = np.asarray(jnp.concatenate([logits, later], 1))
+    np.testing.assert_allclose(out[0], full[0], atol=1e-5)
+    np.testing.assert_allclose(out[1, 3:], full[1, 3:], atol=1e-5)
+
+
+def test_invalid_targets_and_mlm_positions_are_nan_never_a_wrapped_index():
+    """Negative indices wrapped (take_along_axis): target -100 scored as class 1 and
+    -1 as the last class, mlm_positions -1 read the last position, under jit."""
+    model = GPT(get_config("gpt-tiny", **TINY))
+    ids, targets = _tokens(32, (2, 6)), np.asarray(_tokens(33, (2, 6)))
+    params = {"params": model.init(jax.random.PRNGKey(0), ids)["params"]}
+    bad = targets.copy()
+    bad[0, 1], bad[1, 2], bad[1, 5] = -100, -1, 101
+    stats = model.apply(params, ids, bad, method="token_stats")
+    good = model.apply(params, ids, targets, method="token_stats")
+    nan = bad != targets
+    assert np.isnan(np.asarray(stats["nll"])[nan]).all()
+    np.testing.assert_array_equal(np.asarray(stats["nll"])[~nan], np.asarray(good["nll"])[~nan])
+    assert not np.asarray(stats["correct"])[nan].any()
+    bert = BertForPreTraining(get_config("bert-tiny", **TINY))
+    v = bert.init(jax.random.PRNGKey(0), ids)
+    mlm = jax.jit(lambda pos: bert.apply(v, ids, mlm_positions=pos)["mlm_logits"])
+    logits = np.asarray(mlm(jnp.array([[0, -1], [5, 6]])))
+    assert np.isnan(logits[0, 1]).all() and np.isnan(logits[1, 1]).all()
+    np.testing.assert_array_equal(logits[0, 0], np.asarray(mlm(jnp.array([[0, 1]] * 2)))[0, 0])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_labels=True), r"num_labels=True; must be an int >= 1"),
+    (dict(num_labels=3, labels="abc"), r"labels='abc'; must be None or a tuple of label names"),
+    (dict(num_labels=2, labels=("a", 2)), r"labels=\('a', 2\)"),
+    (dict(classifier_dropout="0.1"), r"classifier_dropout='0.1' must be in \[0, 1\)"),
+    (dict(classifier_dropout=1.0), r"classifier_dropout=1.0 must be in \[0, 1\)"),
+])
+def test_classifier_heads_name_a_bad_field(kwargs, match):
+    cfg = get_config("bert-tiny", **TINY)
+    for head in (BertForSequenceClassification, BertForTokenClassification):
+        with pytest.raises(ValueError, match=rf"{head.__name__}: {match}"):
+            head(cfg, **kwargs)
+    head = BertForSequenceClassification(cfg, num_labels=np.int64(3), classifier_dropout=np.float32(0.25))
+    assert type(head.num_labels) is int and head.classifier_dropout == 0.25
+    assert head.init_with_output(jax.random.PRNGKey(0), _tokens(34, (1, 4)))[0].shape == (1, 3)
+
+
+def test_generate_inside_jit_says_its_prompts_must_be_concrete():
+    model = GPT(get_config("gpt-tiny", **TINY))
+    ids = _tokens(35, (2, 4))
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    with pytest.raises(ValueError, match=r"prompts must be concrete token ids.*outside jit"):
+        jax.jit(lambda p: generate(model, params, p, max_new_tokens=2).tokens)(ids)

@@ -93,7 +93,9 @@ def test_narrow_beam_scores_its_own_hypotheses():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(beam_size=0), "beam_size=0"), (dict(max_len=0), "max_new_tokens=0"),
-    (dict(alpha=-1.0), "length_penalty=-1.0")])
+    (dict(alpha=-1.0), "length_penalty=-1.0"),
+    (dict(alpha="x"), "length_penalty='x' must be a finite number >= 0"),
+    (dict(alpha=True), "length_penalty=True must be a finite number >= 0")])
 def test_beam_search_rejects_bad_arguments(kwargs, match):
     args = dict(batch_size=1, beam_size=2, max_len=3, bos_id=0, eos_id=1, alpha=0.6) | kwargs
     with pytest.raises(ValueError, match=match):

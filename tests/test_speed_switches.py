@@ -190,6 +190,23 @@ def test_flash_path_masks_equal_reference(causal):
     assert (skipped > 0) == causal   # only left padding under causality leaves such rows
 
 
+def test_flash_path_takes_every_shape_the_reference_takes():
+    """2-D masks and biases `[q, kv]` (IndexError: `x.shape[-3]`) and a query batch of
+    one against k/v of two (a reshape to q's shape) were refused by the cuDNN call
+    while the reference kernel took them."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((1, 7, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 7, 2, 8)), jnp.float32) for _ in range(2))
+    tril = jnp.asarray(np.tril(np.ones((7, 7), bool)))
+    bias = jnp.asarray(rng.standard_normal((7, 7)), jnp.float32)
+    for kw in (dict(mask=tril), dict(mask=jnp.ones((1, 7), bool), causal=True), dict(bias=bias),
+               dict()):
+        ref = functional.dot_product_attention(q, k, v, **kw)
+        out = registry.flash_attention(q, k, v, implementation="xla", **kw)
+        assert out.shape == ref.shape == (2, 7, 2, 8)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
 def test_optimized_train_step_tracks_the_plain_one():
     """The issue's numerics check: every switch on vs every switch off, from the same
     parameters (stacked and padded for the fast layout) and batches, through the

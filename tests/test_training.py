@@ -550,6 +550,17 @@ def test_checkpoint_errors_name_path_and_mismatch(saved, tmp_path):
     assert record["step"] == 4 and int(restored.step) == 4
 
 
+def test_a_checkpoint_saved_without_a_config_says_so_when_one_is_given(tmp_path):
+    state = fresh_state(1)
+    config = gpt_setup(1)[0]
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state, force=True)
+    with pytest.raises(ValueError, match=r"records no model config.*GPTConfig.*without config="):
+        restore_checkpoint(tmp_path / "ckpt", state, config=config)
+    restored, record = restore_checkpoint(tmp_path / "ckpt", state)
+    assert record["config"] is None and int(restored.step) == int(state.step)
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst

@@ -41,6 +41,10 @@ def token_stats(logits, labels, num_classes: int | None = None,
     for the maximum counts as correct, where argmax would pick the first index).
     Reverse mode: `jax.grad`, grad of grad and Hessian-vector products as
     `jax.jvp(jax.grad(f), ...)` work; `jax.jvp` of the loss itself does not.
+
+    A label outside [0, num_classes) gives NaN statistics ("correct" 0) and, where
+    its loss is used, NaN gradients: never a plausible number. A weight of 0 (as
+    `losses.weighted_mean` applies it) still ignores such a position, e.g. HF's -100.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
@@ -67,7 +71,11 @@ def _forward(logits, labels, num_classes: int, eps: float):
     x = _masked_f32(logits, num_classes)
     top = jax.lax.stop_gradient(jnp.max(x, axis=-1))
     lse = top + jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1))
-    x_y = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+    # A label outside [0, num_classes) (HF's ignore index -100, a typo) has no
+    # probability: NaN, where take_along_axis alone would wrap -1 to the last class.
+    valid = (labels >= 0) & (labels < num_classes)
+    x_y = jnp.take_along_axis(x, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    x_y = jnp.where(valid, x_y, jnp.nan)
     nll = lse - x_y
     loss = nll
     if eps:
@@ -99,7 +107,11 @@ def _fused_bwd(num_classes, eps, residuals, cotangents):
     if eps:
         target = target + jnp.where(_valid_columns(x.shape, num_classes),
                                     (eps / num_classes) * g_loss[..., None], 0.0)
-    grad = (g * jnp.exp(x - lse[..., None]) - target).astype(logits.dtype)
+    grad = g * jnp.exp(x - lse[..., None]) - target
+    # An invalid label's NaN loss has a NaN gradient, unless nothing reads that loss
+    # (weight 0: HF-style ignored positions).
+    bad = (labels < 0) | (labels >= num_classes)
+    grad = jnp.where(bad[..., None] & (g != 0), jnp.nan, grad).astype(logits.dtype)
     return grad, None
 
 

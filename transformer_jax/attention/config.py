@@ -10,6 +10,14 @@ import dataclasses
 from transformer_jax import validation
 
 
+# The least value of each size field (0: a window of 0 is the token alone, no global
+# or random blocks are valid counts).
+_MINIMUMS = {"query_chunk": 1, "key_chunk": 1, "window": 0, "longformer_max_global": 0,
+             "block_size": 1, "num_window_blocks": 1, "num_global_blocks": 0,
+             "num_random_blocks": 0, "linformer_k": 1, "linformer_max_len": 1,
+             "num_features": 1, "linear_chunk": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Which attention kernel `MultiHeadAttention` calls and the knobs of each
@@ -66,6 +74,13 @@ class AttentionConfig:
                              "tuple of ints, e.g. (0,)")
         validation.int_at_least("attention.random_seed", self.random_seed, 0)
         validation.boolean("attention.linformer_share_heads", self.linformer_share_heads)
+        from transformer_jax.attention import registry   # lazy: the registry imports no config
+        registry.get(self.kind)   # the valid kinds, custom ones once registered
+        # Sizes no kind can use, refused whichever kind reads them (a window of -1 gave
+        # zeros, a block size of 0 a ZeroDivisionError in kernels called directly).
+        for name, minimum in _MINIMUMS.items():
+            validation.int_at_least(f"attention.{name}", getattr(self, name), minimum,
+                                    where=f" for kind={self.kind!r}")
 
     def replace(self, **kwargs) -> "AttentionConfig":
         """A copy with `kwargs` fields changed."""

@@ -177,6 +177,7 @@ class MultiHeadAttention(nn.Module):
         kv_heads = self.num_kv_heads or self.num_heads
         head_dim = self.head_dim or features // self.num_heads
         variant = registry.get(self.attention.kind)
+        registry.check_call_args(variant, kernel_kwargs)
 
         q, k, v = self._projections(inputs_q, inputs_kv, is_self, (self.num_heads, head_dim),
                                     (kv_heads, head_dim), cache_memory=decode and not is_self)
@@ -200,7 +201,10 @@ class MultiHeadAttention(nn.Module):
             initialized = self.has_variable("cache", "cached_key")
             cache = self._cache_vars(k)
             if initialized:  # on the init call the cache is only created, sized by the input
-                k, v, mask, k_positions = self._update_cache(cache, k, v, mask)
+                k, v, mask, k_positions, overflow = self._update_cache(cache, k, v, mask)
+                # Traced past the cache's end: NaN outputs, never attention over the
+                # clamped slots `dynamic_update_slice` would have overwritten.
+                q = jnp.where(overflow, jnp.nan, q).astype(q.dtype)
                 causal = False
         if self.position == "alibi" and is_self:
             alibi = positional.alibi_bias(self.num_heads, positions, k_positions, causal or decode)
@@ -267,20 +271,50 @@ class MultiHeadAttention(nn.Module):
         return self.get_variable("cache", "cache_index")
 
     def _cache_vars(self, k):
-        """Cache of shape `[..., cache_len, kv_heads, head_dim]`; `GPT.init_cache` sizes it."""
+        """Cache of shape `[..., cache_len, kv_heads, head_dim]` (`GPT.init_cache` sizes
+        it), and which of its slots hold padding `[..., cache_len]` (False = a real token,
+        so that a cache of zeros, as `init_cache` makes, hides nothing)."""
         return (self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype),
                 self.variable("cache", "cached_value", jnp.zeros, k.shape, k.dtype),
-                self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32)))
+                self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32)),
+                self.variable("cache", "cached_key_padding", jnp.zeros, k.shape[:-2], bool))
 
     def _update_cache(self, cache, k, v, mask):
         """Writes this call's k/v at the cache index and returns the whole cache with a
-        mask that lets query position p see cached positions <= p."""
-        cached_k, cached_v, index = cache
+        mask that lets query position p see the cached positions <= p that hold real
+        tokens, and whether this call ran past the cache's end (traced index only).
+
+        `mask` is either over this call's keys, `[..., 1, 1, q_len]` (a key padding
+        mask, the models' attention_mask: stored with the keys, so a padded prompt
+        token stays hidden at every later step), or over every cache slot
+        `[..., cache_len]` (Flax's convention), used as given."""
+        cached_k, cached_v, index, padding = cache
         q_len, cache_len = k.shape[-3], cached_k.value.shape[-3]
         i = index.value
+        try:
+            end = int(i) + q_len
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+            end = None
+        if end is not None and end > cache_len:
+            raise ValueError(f"decode: {q_len} new token(s) at cache index {int(i)} run past the "
+                             f"cache of {cache_len} slots; size it for every token "
+                             f"(init_cache(model, batch, cache_len >= {end}))")
         cached_k.value = jax.lax.dynamic_update_slice_in_dim(cached_k.value, k.astype(cached_k.value.dtype), i, axis=-3)
         cached_v.value = jax.lax.dynamic_update_slice_in_dim(cached_v.value, v.astype(cached_v.value.dtype), i, axis=-3)
         index.value = i + q_len
+        if mask is not None and mask.shape[-1] == q_len != cache_len:
+            if not masks_lib.is_key_padding(mask):
+                raise ValueError(f"decode: a mask over this call's {q_len} keys must be a key "
+                                 f"padding mask [..., 1, 1, {q_len}], got shape {mask.shape}; "
+                                 f"give a mask over all {cache_len} cache slots instead")
+            keys = jnp.broadcast_to(mask.reshape(mask.shape[:-3] + (q_len,)),
+                                    padding.value.shape[:-1] + (q_len,))
+            padding.value = jax.lax.dynamic_update_slice_in_dim(padding.value, ~keys, i, axis=-1)
+            mask = None
+        elif mask is not None and mask.shape[-1] not in (1, cache_len):
+            raise ValueError(f"decode: mask has {mask.shape[-1]} keys; give this call's "
+                             f"{q_len} or all {cache_len} cache slots")
         k_positions = jnp.arange(cache_len)
         visible = (k_positions[None, :] <= (i + jnp.arange(q_len))[:, None])[None]
-        return cached_k.value, cached_v.value, masks_lib.combine_masks(mask, visible), k_positions
+        mask = masks_lib.combine_masks(mask, visible, masks_lib.padding_mask(~padding.value))
+        return cached_k.value, cached_v.value, mask, k_positions, i + q_len > cache_len

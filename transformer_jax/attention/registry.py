@@ -48,6 +48,21 @@ class AttentionVariant:
     # patterns (windows, BigBird blocks, Linformer's fixed length) cannot, and
     # `blocks.cross_attention_config` replaces them by "xla" there.
     cross_attention: bool = False
+    # Keyword arguments the kernel reads at call time (`MultiHeadAttention(...)(x,
+    # **kwargs)`, in `extra`), e.g. Longformer's per-token global_mask; any other is
+    # refused, where it used to be dropped without a word (a typo, or a kind that
+    # ignores it).
+    call_args: tuple[str, ...] = ()
+
+
+def check_call_args(variant: AttentionVariant, kwargs) -> None:
+    """ValueError naming each call-time keyword argument `variant` does not read, and
+    the kinds that do."""
+    for name in sorted(set(kwargs) - set(variant.call_args)):
+        takers = [n for n in names() if name in _REGISTRY[n].call_args]
+        raise ValueError(f"attention.kind={variant.name!r} takes no call-time argument "
+                         f"{name!r}" + (f"; it is read by kind {', '.join(map(repr, takers))}"
+                                        if takers else "; no kind reads it"))
 
 
 _REGISTRY: dict[str, AttentionVariant] = {}
@@ -61,9 +76,14 @@ def check_inputs(variant: AttentionVariant, q, k, mask, bias) -> None:
 
 
 def _checked(variant: AttentionVariant) -> Callable[..., Any]:
-    """variant.fn, validating its mask and bias at entry (issue 17: sparse kernels
-    called through the registry read a too-short key mask as padding)."""
+    """variant.fn, validating its config's fields, its mask and its bias at entry (issue
+    17: sparse kernels called through the registry read a too-short key mask as
+    padding; a config of window=-1 gave zeros)."""
     def fn(q, k, v, *, mask, bias, **kwargs):
+        if variant.validate is not None:   # no position here: no ALiBi bias to refuse
+            dropout = 0.0 if kwargs.get("deterministic", True) else kwargs.get("dropout_rate")
+            variant.validate(kwargs["config"], causal=kwargs.get("causal", False),
+                             position=None, attention_dropout=dropout)
         check_inputs(variant, q, k, mask, bias)
         return variant.fn(q, k, v, mask=mask, bias=bias, **kwargs)
     return fn
@@ -159,10 +179,11 @@ def flash_attention(q, k, v, *, mask=None, bias=None, causal=False, implementati
         out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias4, mask=mask4, is_causal=causal,
                                            key_value_seq_lengths=lengths,
                                            implementation=implementation)
-        return out.reshape(q.shape)
+        return out.reshape(*batch_shape, *q.shape[-3:])   # a query batch broadcast to k/v's
 
-    def four_d(x):  # `[..., h|1, q|1, kv]` -> `[B, h|1, q_len, kv_len]`
-        return _flatten_batch(jnp.broadcast_to(x, (*batch_shape, x.shape[-3], q_len, kv_len)), lead)
+    def four_d(x):  # `[..., h|1, q|1, kv]`, or `[q|1, kv]`, -> `[B, h|1, q_len, kv_len]`
+        heads = x.shape[-3] if x.ndim >= 3 else 1
+        return _flatten_batch(jnp.broadcast_to(x, (*batch_shape, heads, q_len, kv_len)), lead)
 
     bias4 = None if bias is None else four_d(bias).astype(q.dtype)
     if mask is None:

@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.models.generation_args import is_integer
+from transformer_jax.models.generation_args import finite_nonnegative, is_integer
 
 NEG = jnp.finfo(jnp.float32).min
 StepFn = Callable[[jnp.ndarray, Any], tuple[jnp.ndarray, Any]]
@@ -56,9 +56,7 @@ def check_beam_args(beam_size, max_len, alpha) -> None:
     if not is_integer(max_len) or max_len < 1:
         raise ValueError(f"max_new_tokens={max_len!r} must be an integer >= 1")
     # The early-stopping bound (module docstring) needs lp to grow with length.
-    if not 0.0 <= float(alpha) < float("inf"):
-        raise ValueError(f"length_penalty={alpha!r} must be a finite number >= 0 "
-                         "(0 ranks by log-probability alone)")
+    finite_nonnegative("length_penalty", alpha, " (0 ranks by log-probability alone)")
 
 
 def gather_beams(x, parents):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer_jax import initializers, partitioning as logical
+from transformer_jax import initializers, partitioning as logical, validation
 from transformer_jax.blocks import ACTIVATION_FNS
 from transformer_jax.embeddings import Embeddings, check_ids
 from transformer_jax.models.common import check_length, key_padding_mask
@@ -89,7 +89,11 @@ class BertForPreTraining(nn.Module):
         if mlm_positions is not None:
             seq = input_ids.shape[-1]
             check_ids("mlm_positions", mlm_positions, seq, f"the sequence length {seq}")
-            x = jnp.take_along_axis(x, mlm_positions[..., None], axis=-2)
+            # Traced positions outside [0, seq) read NaN rows (as `embeddings.lookup`
+            # does for ids), where take_along_axis alone would wrap -1 to the last one.
+            ok = (mlm_positions >= 0) & (mlm_positions < seq)
+            x = jnp.take_along_axis(x, jnp.where(ok, mlm_positions, 0)[..., None], axis=-2)
+            x = jnp.where(ok[..., None], x, jnp.nan).astype(x.dtype)
         return {"mlm_logits": self.mlm_head(x, self.bert.embeddings),
                 "nsp_logits": self.nsp_head(pooled)}
 
@@ -135,8 +139,13 @@ class BertForSequenceClassification(nn.Module):
         """ValueError naming the field when num_labels, labels, problem_type or
         classifier_dropout of a classifier `head` are inconsistent or invalid."""
         name = type(head).__name__
-        if not isinstance(head.num_labels, int) or head.num_labels < 1:
+        validation.plain_scalars(head)   # np.int64(3) labels, as the configs take them
+        if not validation.is_int(head.num_labels) or head.num_labels < 1:
             raise ValueError(f"{name}: num_labels={head.num_labels!r}; must be an int >= 1")
+        if head.labels is not None and (not isinstance(head.labels, (tuple, list)) or not all(
+                isinstance(label, str) for label in head.labels)):
+            raise ValueError(f"{name}: labels={head.labels!r}; must be None or a tuple of "
+                             "label names (str), one per label")
         if head.labels is not None and len(head.labels) != head.num_labels:
             raise ValueError(f"{name}: labels has {len(head.labels)} names {head.labels!r} but "
                              f"num_labels={head.num_labels}; give one name per label")
@@ -147,8 +156,8 @@ class BertForSequenceClassification(nn.Module):
             raise ValueError(f"{name}: problem_type='single_label_classification' needs "
                              "num_labels >= 2 (one label is problem_type='regression')")
         rate = head.classifier_dropout
-        if rate is not None and not 0.0 <= rate < 1.0:
-            raise ValueError(f"{name}: classifier_dropout={rate!r}; must be None or in [0, 1)")
+        if rate is not None:
+            validation.probability(f"{name}: classifier_dropout", rate)
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *, deterministic=True):

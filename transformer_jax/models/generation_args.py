@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import jax
 import numpy as np
 
 from transformer_jax.embeddings import check_ids
@@ -46,9 +47,23 @@ def count(name: str, value) -> int:
     return int(value)
 
 
+def finite_nonnegative(name: str, value, note: str = "") -> float:
+    """`value` as a Python float if it is a finite real number >= 0 (temperature,
+    length_penalty); `note` says what 0 means."""
+    value = _scalar(value)
+    if not _is_real(value) or not 0.0 <= value < math.inf:   # NaN fails too
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0{note}")
+    return float(value)
+
+
 def token_ids(name: str, ids, axis: str, vocab_size: int) -> np.ndarray:
     """`ids` as int32 `[batch, axis]` (batch, axis >= 1), each in [0, vocab_size)."""
-    ids = np.asarray(ids)
+    try:
+        ids = np.asarray(ids)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        raise ValueError(f"{name} must be concrete token ids, got a traced array: the "
+                         "generators compile their own loop (jit), so call them outside "
+                         "jit / vmap, with every row of the batch in one array") from None
     if ids.ndim != 2 or 0 in ids.shape:
         raise ValueError(f"{name} must be [batch, {axis}] with batch >= 1 and {axis} >= 1, "
                          f"got shape {ids.shape}")
@@ -75,10 +90,8 @@ def token_id(name: str, value, vocab_size: int, *, optional: bool = False) -> in
 def sampling(temperature, top_k, top_p, vocab_size: int) -> tuple[float, int | None, float | None]:
     """(temperature, top_k, top_p) as Python numbers: temperature finite and >= 0 (0 is
     greedy), top_k None or an integer in [1, vocab_size], top_p None or in (0, 1]."""
-    temperature, top_k, top_p = _scalar(temperature), _scalar(top_k), _scalar(top_p)
-    if not _is_real(temperature) or not 0.0 <= temperature < math.inf:   # NaN fails too
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 "
-                         "(0 is greedy decoding)")
+    temperature = finite_nonnegative("temperature", temperature, " (0 is greedy decoding)")
+    top_k, top_p = _scalar(top_k), _scalar(top_p)
     if top_k is not None and (not is_integer(top_k) or not 1 <= top_k <= vocab_size):
         raise ValueError(f"top_k={top_k!r} must be None or an integer in "
                          f"[1, vocab_size={vocab_size}]")

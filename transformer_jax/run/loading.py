@@ -30,6 +30,11 @@ def _load_run(path, step: int | None):
                          "pass the --out directory of `transformer-jax train` or a Hugging Face "
                          "directory with config.json")
     record = load_metadata(path / "checkpoints", step)
+    if record.get("config") is None or "run" not in record.get("metadata", {}):
+        # e.g. a Checkpointer of one's own code saving into <dir>/checkpoints
+        raise ValueError(f"{path / 'checkpoints'} holds a checkpoint without the model and run "
+                         "configs `transformer-jax train` records, so it cannot be loaded as a "
+                         "run; restore it with transformer_jax.training.restore_checkpoint")
     config = config_from_dict(record["config"])
     run = RunConfig.from_dict(record["metadata"]["run"])
     tx, _ = optimizer(run)  # shapes the restore target; optimizer values are unused here

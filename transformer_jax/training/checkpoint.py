@@ -176,7 +176,11 @@ class Checkpointer:
         step, path = self._step_path(step)
         record = self.read_metadata(step)
         if config is not None:
-            diffs = config_diff(config_to_dict(config), record.get("config") or {})
+            if record.get("config") is None:   # saved without config=: nothing to compare
+                raise ValueError(f"checkpoint {path} records no model config (it was saved "
+                                 f"without config=), so it cannot be checked against the "
+                                 f"{type(config).__name__} given; restore it without config=")
+            diffs = config_diff(config_to_dict(config), record["config"])
             if diffs:
                 raise ValueError(f"checkpoint {path} was written for a different model: "
                                  + "; ".join(diffs))

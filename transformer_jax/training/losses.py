@@ -14,9 +14,12 @@ from transformer_jax.cross_entropy import token_stats
 
 
 def weighted_mean(values, weights):
-    """sum(values * weights) / sum(weights); 0 (not NaN) when every weight is 0."""
+    """sum(values * weights) / sum(weights); 0 (not NaN) when every weight is 0. A
+    position of weight 0 is left out, not multiplied by 0: its value may be NaN (an
+    ignored label, `cross_entropy.token_stats`) and 0 * NaN is NaN."""
     weights = weights.astype(jnp.float32)
     total = weights.sum()
+    values = jnp.where(weights != 0, values, 0.0)
     return (values * weights).sum() / jnp.maximum(total, 1e-8), total
 
 

@@ -124,6 +124,8 @@ def bigbird_attention(q, k, v, *, mask=None, causal: bool = False, block_size: i
                       dropout_rng=None, deterministic: bool = True):
     """q `[..., n, heads, d]`, k/v `[..., n, kv_heads, d]`, mask key-only `[..., 1, n]`
     -> `[..., n, heads, d]`."""
+    _check_layout(common.check_arg, "", block_size, num_window_blocks, num_global_blocks,
+                  num_random_blocks)
     functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)
@@ -160,15 +162,22 @@ def _fn(q, k, v, *, mask, bias, causal, config, extra, dropout_rate, dropout_rng
         dropout_rate=dropout_rate, dropout_rng=dropout_rng, deterministic=deterministic)
 
 
+def _check_layout(check, prefix: str, block_size, num_window_blocks, num_global_blocks,
+                  num_random_blocks) -> None:
+    """The block counts, by `check` (config fields, or a direct call's arguments)."""
+    check(NAME, "block_size", block_size)
+    check(NAME, "num_window_blocks", num_window_blocks)
+    if num_window_blocks % 2 == 0:
+        raise ValueError(f"{prefix}num_window_blocks={num_window_blocks} must be odd (the query "
+                         "block plus the same number of blocks on each side), e.g. 3")
+    check(NAME, "num_global_blocks", num_global_blocks, minimum=0)
+    check(NAME, "num_random_blocks", num_random_blocks, minimum=0)
+
+
 def _validate(config, *, causal, position, attention_dropout):
     del causal, attention_dropout
-    common.check_positive(NAME, "block_size", config.block_size)
-    common.check_positive(NAME, "num_window_blocks", config.num_window_blocks)
-    if config.num_window_blocks % 2 == 0:
-        raise ValueError(f"attention.num_window_blocks={config.num_window_blocks} must be odd "
-                         "(the query block plus the same number of blocks on each side), e.g. 3")
-    common.check_positive(NAME, "num_global_blocks", config.num_global_blocks, minimum=0)
-    common.check_positive(NAME, "num_random_blocks", config.num_random_blocks, minimum=0)
+    _check_layout(common.check_positive, "attention.", config.block_size,
+                  config.num_window_blocks, config.num_global_blocks, config.num_random_blocks)
     common.reject(NAME, position=position, why="block-sparse attention never builds the n x n bias")
 
 

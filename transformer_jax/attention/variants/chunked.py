@@ -121,6 +121,8 @@ def chunked_attention(q, k, v, *, mask=None, bias=None, causal: bool = False,
     so the largest score block is `[B, heads, query_chunk, key_chunk]`.
 
     Lengths that are not multiples of the chunks are padded; padded keys are masked."""
+    common.check_arg(NAME, "query_chunk", query_chunk)
+    common.check_arg(NAME, "key_chunk", key_chunk)
     functional.check_mask_and_bias(q, k, mask, bias, kind=NAME)
     if causal and q.shape[-3] != k.shape[-3]:
         raise ValueError(f"causal attention needs q_len == kv_len, got {q.shape[-3]} and "

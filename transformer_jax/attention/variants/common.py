@@ -124,10 +124,18 @@ def dropout(probs, rate: float, rng, deterministic: bool):
 
 
 def safe_divide(num, den):
-    """num / den (broadcasting) where den > 0, else 0 (a row with no valid key);
-    gradients stay finite."""
-    ok = den > 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+    """num / den (broadcasting), 0 where den is 0 (a row with no valid key), with
+    finite gradients there. A NaN (or inf) anywhere still comes out as NaN, as the
+    dense kernel's would: a diverging run must not read as zeros."""
+    empty = den == 0
+    return jnp.where(empty, 0.0, num / jnp.where(empty, 1.0, den))
+
+
+def check_arg(name: str, arg: str, value: int, minimum: int = 1) -> None:
+    """ValueError naming the keyword `arg` of a kernel called directly (not through an
+    AttentionConfig, whose fields `check_positive` names) unless it is an int >= minimum:
+    a window of -1 gave zeros, a block size of 0 a ZeroDivisionError."""
+    validation.int_at_least(arg, value, minimum, where=f" for kind={name!r}")
 
 
 def check_positive(name: str, field: str, value: int, minimum: int = 1) -> None:

@@ -60,7 +60,8 @@ def kernelized_attention(fq, fk, v, *, valid_k=None, causal: bool = False, chunk
     """phi(q) `[B, n, H, m]`, phi(k) `[B, s, H, m]` (positive), v `[B, s, H, d]`, key
     validity `[B|1, H|1, s]` -> float32 `[B, n, H, d]`; a row with no valid key gives 0."""
     if valid_k is not None:
-        fk = fk * jnp.swapaxes(valid_k, 1, 2)[..., None]
+        # where, not a product: 0 * inf (an overflowed feature of a padded key) is NaN
+        fk = jnp.where(jnp.swapaxes(valid_k, 1, 2)[..., None], fk, 0.0)
     v = v.astype(jnp.float32)
     if causal:
         if fq.shape[1] != fk.shape[1]:
@@ -77,6 +78,7 @@ def kernelized_attention(fq, fk, v, *, valid_k=None, causal: bool = False, chunk
 def linear_attention(q, k, v, *, mask=None, causal: bool = False, chunk: int = 64):
     """q `[..., n, heads, d]`, k/v `[..., s, kv_heads, d]`, key-only mask `[..., 1, s]`
     -> `[..., n, heads, d]`."""
+    common.check_arg(NAME, "chunk", chunk)
     functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)

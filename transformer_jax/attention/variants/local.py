@@ -48,6 +48,7 @@ def local_attention(q, k, v, *, mask=None, causal: bool = False, window: int = 1
                     dropout_rate: float = 0.0, dropout_rng=None, deterministic: bool = True):
     """q `[..., n, heads, d]`, k/v `[..., n, kv_heads, d]`, mask key-only
     `[..., 1, n]` -> `[..., n, heads, d]`."""
+    common.check_arg(NAME, "window", window, minimum=0)
     functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)              # [B|1, H|1, n]

@@ -147,6 +147,8 @@ def longformer_attention(q, k, v, *, mask=None, causal: bool = False, window: in
                          dropout_rate: float = 0.0, dropout_rng=None, deterministic: bool = True):
     """q `[..., n, heads, d]`, k/v `[..., n, kv_heads, d]`, mask key-only `[..., 1, n]`,
     global_mask bool `[..., n]` (optional) -> `[..., n, heads, d]`."""
+    common.check_arg(NAME, "window", window, minimum=0)
+    common.check_arg(NAME, "max_global", max_global, minimum=0)
     functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)
@@ -187,4 +189,5 @@ def _validate(config, *, causal, position, attention_dropout):
 
 
 register(AttentionVariant(NAME, _fn, validate=_validate, full_mask=False, supports_bias=False,
-                          supports_decode=False, supports_weights=False))
+                          supports_decode=False, supports_weights=False,
+                          call_args=("global_mask",)))

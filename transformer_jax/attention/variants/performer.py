@@ -82,13 +82,15 @@ def favor_features(x, w, *, is_query: bool, valid=None):
     gradient because the output does not depend on it."""
     logits = _scaled(x, w)
     if is_query:
-        stab = logits.max(axis=-1, keepdims=True)
-    else:
-        masked = logits if valid is None else jnp.where(jnp.swapaxes(valid, 1, 2)[..., None],
-                                                        logits, common.NEG)
-        stab = masked.max(axis=(1, 3), keepdims=True)
-    stab = jax.lax.stop_gradient(stab)
-    return (jnp.exp(logits - stab) + FEATURE_EPS) / math.sqrt(w.shape[0])
+        stab = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+        return (jnp.exp(logits - stab) + FEATURE_EPS) / math.sqrt(w.shape[0])
+    keep = True if valid is None else jnp.swapaxes(valid, 1, 2)[..., None]
+    stab = jax.lax.stop_gradient(jnp.where(keep, logits, common.NEG).max(axis=(1, 3),
+                                                                          keepdims=True))
+    # Padded keys masked before exp: whatever they hold, exp is 0, never inf (a padded
+    # logit above every real one; a sequence with no real key, where stab is NEG).
+    return (jnp.exp(jnp.where(keep, logits - stab, common.NEG)) + FEATURE_EPS) \
+        / math.sqrt(w.shape[0])
 
 
 def _running_max(logits, valid):
@@ -156,6 +158,7 @@ def causal_favor_attention(fq, logits_k, v, *, valid_k=None, chunk: int = 64):
 def performer_attention(q, k, v, w, *, mask=None, causal: bool = False, chunk: int = 64):
     """q `[..., n, heads, d]`, k/v `[..., s, kv_heads, d]`, key-only mask `[..., 1, s]`,
     w `[m, d]` -> `[..., n, heads, d]`, an unbiased estimate of softmax attention."""
+    common.check_arg(NAME, "chunk", chunk)
     functional.check_mask_and_bias(q, k, mask, kind=NAME, key_only=True)
     batch = common.batch_shape(q, k)
     valid_k = common.key_valid(mask, batch, NAME)

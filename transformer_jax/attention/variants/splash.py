@@ -245,9 +245,11 @@ def _make(name: str, pattern: str):
         common.reject(name, position=position, attention_dropout=attention_dropout,
                       why="the splash kernel takes no additive bias and has no dropout")
 
+    # splash_longformer refuses a global_mask with a message of its own (above).
     return AttentionVariant(name, fn, validate=validate, full_mask=False, supports_bias=False,
                             supports_decode=False, supports_weights=False,
-                            exact=pattern == "full")
+                            exact=pattern == "full",
+                            call_args=("global_mask",) if pattern == "longformer" else ())
 
 
 splash = register(_make("splash", "full"))
