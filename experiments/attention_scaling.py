@@ -1,6 +1,6 @@
 """Time and peak memory of every attention variant against sequence length.
 
-    python -m experiments.attention_scaling [--max-len 16384] [--out DIR]
+    python -m experiments.attention_scaling [--max-len 16384] [--out DIR]   # DIR: runs/attention_scaling
     python -m experiments.attention_scaling --tpu [--out DIR]   # splash vs XLA, 1K-32K
 
 Forward + backward (gradients w.r.t. q, k, v) of one attention call, batch 1,
@@ -210,7 +210,8 @@ def _table(rows, ns, causal: bool) -> list[str]:
     by = {(r["kind"], r["n"]): r for r in rows if r["causal"] == causal}
     sl = slopes([r for r in rows if r["causal"] == causal])
     kinds = [k for k in KINDS + EXTRA_KINDS if any(key[0] == k for key in by)]
-    span = f"{max(min(ns), 2048) // 1024}K–{min(max(ns), 16384) // 1024}K"  # as `slopes`
+    lo, hi = max(min(ns), 2048), min(max(ns), 16384)   # as `slopes`
+    span = f"{lo // 1024}K–{hi // 1024}K" if lo < hi else "2K–16K (not run)"
     head = ["variant", *[f"n={n}" for n in ns], f"slope {span}", "LRA 4K (TPU v3)",
             f"target @ {TARGET_N}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -230,7 +231,8 @@ def write_markdown(rows, path, dtype_name):
     lines = [f"Forward+backward, batch 1, {HEADS} heads, head_dim {HEAD_DIM}, {dtype_name}, "
              f"{rows[0]['device']}. Cell: time (speed-up over full `xla` of the same "
              "causality) / peak memory (ratio to full). Slope: d log(time) / d log(n). Time: "
-             f"best of interleaved passes; 1-min load average during the run {rows[0]['load']} "
+             f"best of interleaved passes; 1-min load average during the run "
+             f"{rows[0].get('load', '(not recorded)')} "
              f"on {os.cpu_count()} cores (timings on a loaded machine are noisy; the memory "
              "figures are the compiled programs' and exact)."]
     for causal in sorted({r["causal"] for r in rows}):
@@ -314,7 +316,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tpu", action="store_true",
                    help=f"TPU mode: kinds {','.join(TPU_KINDS)}, bfloat16 on a TPU; elsewhere "
                         "splash runs in Pallas interpret mode (a slow functional check)")
-    p.add_argument("--out", default="experiments/results/attention_scaling")
+    # Fresh runs go to runs/ (ignored by git): the committed reference tables in
+    # experiments/results/ are replaced only when asked for by name.
+    p.add_argument("--out", default="runs/attention_scaling",
+                   help="where results.csv, scaling.png and table.md go (default: "
+                        "runs/attention_scaling; the committed reference is "
+                        "experiments/results/attention_scaling)")
     p.add_argument("--kinds", default=None,
                    help=f"comma-separated variant names, from {','.join(KINDS + EXTRA_KINDS)}")
     p.add_argument("--modes", default=None,
@@ -364,6 +371,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     modes = _names(p, "--modes", args.modes or ("bidirectional" if args.tpu else ",".join(MODES)),
                    MODES)
     args.causals = [mode == "causal" for mode in MODES if mode in modes]
+    tpu = jax.default_backend() == "tpu"
+    args.dtype = args.dtype or ("bfloat16" if gpu or tpu else "float32")
+    reason = registry.cudnn_unavailable_reason(args.dtype) if "cudnn" in args.kinds else None
+    if reason:
+        p.error(f"--kinds cudnn cannot run here: {reason}")
     config = bench_config(args.max_len)
     if not any(supports(k, config, c) for k in args.kinds for c in args.causals):
         p.error(f"--kinds {','.join(args.kinds)} --modes {','.join(modes)}: no kind runs in these "
@@ -391,8 +403,7 @@ def main(argv=None):
         write_markdown(args.rows, os.path.join(args.out, "table.md"), args.rows[0]["dtype"])
         plot(args.rows, os.path.join(args.out, "scaling.png"), args.rows[0]["dtype"])
         return
-    gpu, tpu = jax.default_backend() == "gpu", jax.default_backend() == "tpu"
-    dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu or tpu else "float32"))
+    dtype = jnp.dtype(args.dtype)
     kinds, ns, causals = args.kinds, args.ns, args.causals
     config = bench_config(args.max_len)
     os.makedirs(args.out, exist_ok=True)

@@ -16,14 +16,32 @@ import statistics
 import time
 
 
+MAX_POSITIONS = 512   # BERT-base's position table
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return value
+    return parse
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=_at_least(1), default=32, help="sequences per step")
+    p.add_argument("--seq", type=_at_least(2), default=512,
+                   help=f"tokens per sequence, at most {MAX_POSITIONS} (BERT-base's positions)")
+    p.add_argument("--steps", type=_at_least(1), default=20, help="timed steps (median kept)")
+    p.add_argument("--warmup", type=_at_least(0), default=5, help="untimed steps first")
     p.add_argument("--compile", action="store_true", help="also torch.compile the model")
     args = p.parse_args(argv)
+    if args.seq > MAX_POSITIONS:
+        p.error(f"--seq {args.seq}: BERT-base has {MAX_POSITIONS} positions")
     try:
         import torch
         import transformers
@@ -41,7 +59,9 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     b, n = args.batch, args.seq
     ids = torch.randint(0, config.vocab_size, (b, n), device=device)
-    labels = torch.where(torch.rand(b, n, device=device) < 0.15, ids, torch.full_like(ids, -100))
+    chosen = torch.rand(b, n, device=device) < 0.15
+    chosen[:, 1] = True   # at least one label per row: a loss over no label is NaN
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     types = (torch.arange(n, device=device) >= n // 2).long().expand(b, n)
     nsp = torch.randint(0, 2, (b,), device=device)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda")
@@ -67,7 +87,8 @@ def main(argv=None) -> None:
         times.append(time.perf_counter() - t)
     dt = statistics.median(times)
     print(f"HF BertForPreTraining ({device}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, sdpa, bf16 autocast{', compiled' if args.compile else ''}): "
+          f"{transformers.__version__}, sdpa, "
+          f"{'bf16 autocast' if device == 'cuda' else 'fp32'}{', compiled' if args.compile else ''}): "
           f"batch {b}x{n}: {dt * 1e3:.2f} ms/step, {b * n / dt:,.0f} tokens/s, loss {loss.item():.3f}")
 
 

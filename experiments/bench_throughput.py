@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import functools
 import statistics
+import sys
 import time
 
 import flax
@@ -39,6 +40,7 @@ import optax
 from flax import traverse_util
 
 from experiments import trace_summary
+from transformer_jax.attention import registry
 from transformer_jax.models import PRESETS, build, get_config
 from transformer_jax.run.files import check_output_dir
 from transformer_jax.stacks import stack_layers
@@ -303,13 +305,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="gpt2-small", choices=PRESETS, metavar="PRESET",
                    help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (<= max_len)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
-    p.add_argument("--attention", default="auto")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--matmul-size", type=int, default=None)
+    p.add_argument("--attention", default="auto",
+                   help="the baseline's attention.kind (registry names, e.g. xla, cudnn, chunked)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per row")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="side of the square matmul timed as the FLOP/s ceiling "
+                        "(default 2048 on CPU, 8192 elsewhere)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the baseline's forward and forward+backward alone")
     p.add_argument("--profile", nargs="?", const="runs/profile", default=None, metavar="DIR",
@@ -354,6 +359,10 @@ def _checked_rows(parser, args, dtype: str) -> list[tuple]:
             parser.error(f"{flag} {item!r}: {e}")
     rows = _rows(args, dtype)
     for name, config, *_ in rows:
+        reason = (registry.cudnn_unavailable_reason(config.compute_dtype)
+                  if config.attention.kind == "cudnn" else None)
+        if reason:   # found while compiling otherwise, as a "failed" row
+            parser.error(f"row {name!r}: attention.kind='cudnn' cannot run here: {reason}")
         if args.seq > config.max_len:
             parser.error(f"--seq {args.seq}: row {name!r} has max_len={config.max_len} positions; "
                          f"give --seq <= {config.max_len} (or --set max_len=N)")
@@ -424,7 +433,9 @@ def _print_table(rows, results, ceiling: float) -> None:
               f"| {r['program_gb']:.2f} | {r['loss']:.5f} |")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """The benchmark; returns the exit status: 1 if a row failed (its error is printed
+    and the other rows' numbers are kept), else 0."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.profile:   # checked before minutes of measuring, not after
@@ -436,7 +447,7 @@ def main(argv=None) -> None:
     task = task_for_config(base)
     if args.cost_only:
         _print_costs(args, rows, task, dtype)
-        return
+        return 0
     size = args.matmul_size or (2048 if cpu else 8192)
     repeats = 5 if cpu else 20
     print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
@@ -449,7 +460,12 @@ def main(argv=None) -> None:
         _print_profile(results[0], args.profile, base_donate)
     print(f"\n{dtype} {size}^3 matmul ceiling (best seen in this process): {ceiling:.2f} TFLOP/s")
     _print_table(rows, results, ceiling)
+    failed = [name for (name, *_), r in zip(rows, results) if r is None]
+    if failed:
+        print(f"bench_throughput: {len(failed)} row(s) failed: {', '.join(failed)} (errors above)",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

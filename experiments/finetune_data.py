@@ -219,7 +219,8 @@ def write_all(out: str | Path, seed: int = SEED) -> dict[str, Path]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/finetune_data", help="output directory")
-    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help=f"draws the sentences and the train/dev split (default {SEED})")
     args = parser.parse_args(argv)
     check_output_dir(args.out, parser=parser)
     write_all(args.out, args.seed)

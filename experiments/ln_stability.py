@@ -102,12 +102,18 @@ def main(argv=None) -> Path:
     preset = get_preset(args.preset)
     name = preset.name
     if args.seeds is not None:
-        preset = preset.with_seeds(args.seeds)
+        try:
+            preset = preset.with_seeds(args.seeds)
+        except ValueError as e:   # too few seeds for the preset's largest part
+            parser.error(f"--seeds {','.join(map(str, args.seeds))}: {e}")
         name += "-seeds-" + "-".join(map(str, args.seeds))
     out = args.out or DEFAULT_OUT / name
     cache = args.cache_dir or out / ".cache"
-    _directory(parser, "--out", out, create=not args.report_only)
+    # Both checked before --out is made: a refused --cache-dir leaves no empty --out.
+    _directory(parser, "--out", out, create=False)
     _directory(parser, "--cache-dir", cache, create=False)
+    if not args.report_only:
+        _directory(parser, "--out", out, create=True)
     if args.report_only and not _has_records(preset, out):
         committed = Path(__file__).parent / "results" / name
         other = any((out / f).exists() for f in (records.RUNS, records.GRADNORM))
@@ -119,20 +125,26 @@ def main(argv=None) -> Path:
                                          if committed.is_dir() else ""))
     log = bench.Log(args.quiet)
     start, cpu0 = time.perf_counter(), _cpu_s()
+    ran = False
     if not args.report_only:
         log(f"preset {preset.name} -> {out}")
         log(bench.estimate_line(preset))
         try:
-            bench.run_gradnorm(preset, out, cache, log)
+            ran = bench.run_gradnorm(preset, out, cache, log)
             for sweep in preset.sweeps:
-                bench.run_sweep(preset, sweep, out, cache, log)
+                ran = bench.run_sweep(preset, sweep, out, cache, log) or ran
         except KeyboardInterrupt:   # Ctrl-C, a notebook's stop button, timeout -s INT
             # Each record is appended whole once its program has run, so what finished
             # is kept; the interrupted program's runs are redone.
             print(f"ln_stability: interrupted; the records written so far are kept in "
                   f"{str(out)!r}: rerun the same command to continue", file=sys.stderr)
             raise
-    timing = None if args.report_only else {
+    if not args.report_only and not ran:
+        log("every record was present: nothing ran; the report is rebuilt with the "
+            "recorded timing (timing.json) kept")
+    # Only an invocation that trained something times it: a rerun over a finished
+    # directory (the committed reference included) must not replace its timing by ~1 s.
+    timing = None if not ran else {
         "wall_s": time.perf_counter() - start, "cpu_s": _cpu_s() - cpu0,
         "args": "" if args.seeds is None else f" --seeds {','.join(map(str, args.seeds))}",
         "machine": f"JAX {jax.__version__}, backend {jax.default_backend()} "

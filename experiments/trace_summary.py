@@ -45,7 +45,8 @@ def instruction_scopes(hlo_text: str) -> dict[str, str]:
         name = m.group(1)
         op_name, called = _OP_NAME.search(line), _CALLS.search(line)
         if op_name:
-            scopes[name] = op_name.group(1).replace('\\"', '"')
+            # HLO text escapes quotes in the name stack (params[\'decoder\']): unescape
+            scopes[name] = re.sub(r"\\(.)", r"\1", op_name.group(1))
             if line.lstrip().startswith("ROOT") and computation:
                 roots[computation] = scopes[name]
         if called:
@@ -161,3 +162,19 @@ def profile(compiled, args: tuple, calls: int, trace_dir: str, donated: bool = T
     times, counts, source = kernel_times(trace_dir)
     return (f"read: {source}\n"
             + summarize(times, counts, instruction_scopes(compiled.as_text()), calls, step_ms, top))
+
+
+def main(argv=None) -> None:
+    """The module is the profile table of `bench_throughput --profile`, not a command of
+    its own: --help says so, and anything else is a usage error pointing there."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run it through: python -m experiments.bench_throughput --profile [DIR]")
+    parser.parse_args(argv)
+    parser.error("this module has no command of its own; run python -m "
+                 "experiments.bench_throughput --profile [DIR]")
+
+
+if __name__ == "__main__":
+    main()

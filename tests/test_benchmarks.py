@@ -155,6 +155,18 @@ TINY_BENCH = ["--preset", "gpt-tiny", "--batch", "2", "--seq", "16", "--cost-onl
     ("bench_throughput", [*TINY_BENCH, "--batch", "0"], "--batch 0: must be a positive integer"),
     ("bench_throughput", [*TINY_BENCH, "--matmul-size", "0"], "--matmul-size 0: must be a positive integer"),
     ("bench_throughput", [*TINY_BENCH, "--seq", "512"], "--seq 512: row 'baseline' has max_len=256"),
+    # cuDNN needs a GPU: found while compiling, it was a traceback (attention_scaling)
+    # or a "failed" row with exit status 0 (bench_throughput).
+    ("attention_scaling", ["--kinds", "xla,cudnn"], "--kinds cudnn cannot run here: it needs a CUDA"),
+    ("bench_throughput", [*TINY_BENCH, "--attention", "cudnn"],
+     "row 'baseline': attention.kind='cudnn' cannot run here: it needs a CUDA GPU"),
+    ("bench_throughput", [*TINY_BENCH, "--compare", "attention=cudnn"],
+     "attention.kind='cudnn' cannot run here"),
+    ("bench_hf_bert", ["--steps", "0"], "argument --steps: '0' is not an integer >= 1"),
+    ("bench_hf_bert", ["--batch", "-1"], "argument --batch: '-1' is not an integer >= 1"),
+    ("bench_hf_bert", ["--seq", "600"], "--seq 600: BERT-base has 512 positions"),
+    ("contextual_embeddings", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("trace_summary", [], "run python -m experiments.bench_throughput --profile"),
 ])
 def test_bad_experiment_flags_are_usage_errors_before_any_work(module, argv, expect, tmp_path,
                                                               capsys, monkeypatch):
@@ -180,3 +192,43 @@ def test_set_and_compare_values_parse_as_the_config_fields_want():
     assert got == {"init_std": 0.01, "norm_eps": 1e-6, "num_layers": 2, "scan_layers": False,
                    "activation": "gelu", "rope_base": -3}
     assert type(got["num_layers"]) is int and type(got["init_std"]) is float
+
+
+def test_a_failed_row_keeps_the_others_and_fails_the_command(monkeypatch, capsys):
+    """One failing variant is reported and the other rows' numbers are kept, but the
+    exit status says the benchmark did not complete (it was 0)."""
+    real = bench_throughput.measure
+
+    def measure(config, *args, **kwargs):
+        if not config.fused_qkv:   # the `plain` row
+            raise RuntimeError("out of memory (simulated)")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(bench_throughput, "measure", measure)
+    status = bench_throughput.main(["--preset", "gpt-tiny", "--batch", "2", "--seq", "16",
+                                    "--steps", "1", "--matmul-size", "64", "--compare", "plain"])
+    out, err = capsys.readouterr()
+    assert status == 1 and "| plain | failed |" in out and "1 row(s) failed: plain" in err
+    assert re.search(r"^\| baseline \| [0-9.]+ \|", out, re.M)
+
+
+def test_attention_scaling_writes_to_runs_and_redraws_an_old_csv(tmp_path, monkeypatch):
+    """By default a run goes to runs/, not over the committed reference in
+    experiments/results/; a CSV from before the `load` column redraws; a range
+    below 2K shows no impossible slope span ("2K-0K")."""
+    from experiments import attention_scaling
+    assert attention_scaling._parser().parse_args([]).out == "runs/attention_scaling"
+    rows = [dict(kind=kind, causal="False", n=n, dtype="float32", device="cpu", time_s=t,
+                 peak_mb=1.0, speedup=1.0, memory_ratio=1.0, status="ok")
+            for kind, n, t in (("xla", 256, 0.1), ("xla", 512, 0.4), ("chunked", 256, 0.2),
+                               ("chunked", 512, 0.5))]
+    with open(tmp_path / "old.csv", "w", newline="") as f:
+        writer = __import__("csv").DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.chdir(tmp_path)
+    attention_scaling.main(["--from-csv", "old.csv", "--out", "redrawn"])
+    table = (tmp_path / "redrawn" / "table.md").read_text()
+    assert "load average during the run (not recorded)" in table
+    assert "0K" not in table and "slope 2K–16K (not run)" in table
+    assert (tmp_path / "redrawn" / "scaling.png").stat().st_size > 0

@@ -97,9 +97,15 @@ def test_micro_writes_report_csv_and_plots(micro):
 
 
 def test_rerun_skips_recorded_work(micro):
+    """Nothing is redone, and the timing of the run that did the work is kept: a rerun
+    over a finished directory (the committed reference's) replaced it by ~1 s."""
     before = {n: _lines(micro / n) for n in (records.RUNS, records.GRADNORM, records.CHECKS)}
+    timing = (micro / "timing.json").read_text()
     ln_stability.main(["--preset", "micro", "--out", str(micro), "--quiet"])
     assert {n: _lines(micro / n) for n in before} == before
+    assert (micro / "timing.json").read_text() == timing
+    wall = json.loads(timing)["wall_s"]
+    assert f"This invocation: {wall:.0f} s wall" in (micro / "report.md").read_text()
 
 
 # Three runs of the micro lm grid (lr 1e-3 without warm-up, seeds 0 and 1; lr 1e-2
@@ -398,6 +404,16 @@ def test_gradient_verdicts_on_synthetic_records():
     assert claim_b.status == verdicts.SUPPORTED
     swapped = [{**r, "placement": "pre" if r["placement"] == "post" else "post"} for r in gn]
     assert all(v.status == verdicts.REFUTED for v in verdicts.claim1(swapped))
+    # One depth says nothing of growth with depth; a 1-layer stack's top and bottom are
+    # one layer (both ratios exactly 1 read as "refuted"); a 2-layer one is used instead.
+    claim_a, claim_b = verdicts.claim1([r for r in gn if r["depth"] == 4])
+    assert claim_a.status == verdicts.INCONCLUSIVE and "one depth only" in claim_a.evidence[-1]
+    assert claim_b.status == verdicts.SUPPORTED
+    shallow = [rows("post", 1, growing, 1.0), rows("pre", 1, flat, 0.5)]
+    assert [v.status for v in verdicts.claim1(shallow)] == [verdicts.INCONCLUSIVE] * 2
+    two = shallow + [rows("post", 2, growing, 1.0), rows("pre", 2, flat, 0.4)]
+    claim_b = verdicts.claim1(two)[1]
+    assert claim_b.status == verdicts.SUPPORTED and "2-layer decoder" in claim_b.evidence[1]
 
 
 def test_seeds_flag_and_preset_validation(tmp_path, capsys):
@@ -410,6 +426,11 @@ def test_seeds_flag_and_preset_validation(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ln_stability.main(["--preset", "micro", "--seeds", "1,x", "--out", str(tmp_path)])
     assert "--seeds='1,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:   # fewer seeds than a part has: a traceback
+        ln_stability.main(["--preset", "micro", "--seeds", "5", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--seeds 5: seeds=(5,) must be at least 2" in err
+    assert not (tmp_path / "s").exists()
     for preset in PRESETS.values():          # every preset's time estimate is computable
         assert bench.estimate(preset)["flops"] > 0
         assert bench.estimate_line(preset).startswith("estimate: ~")
@@ -424,6 +445,7 @@ def test_bad_directories_and_an_empty_report_only_are_usage_errors(micro, tmp_pa
     cases = [(["--out", str(a_file)], "--out"),
              (["--out", str(a_file / "sub")], "--out"),
              (["--out", str(micro), "--cache-dir", str(a_file), "--report-only"], "--cache-dir"),
+             (["--out", str(tmp_path / "new"), "--cache-dir", str(a_file)], "--cache-dir"),
              (["--out", str(tmp_path / "empty"), "--report-only"], "--report-only: no records"),
              # records of another preset are not this one's
              (["--out", str(micro), "--report-only", "--preset", "quick"],
@@ -437,6 +459,7 @@ def test_bad_directories_and_an_empty_report_only_are_usage_errors(micro, tmp_pa
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert a_file.read_text() == "keep me" and not (tmp_path / "empty").exists()
+    assert not (tmp_path / "new").exists()   # made only once every directory is usable
     assert {p.name: p.read_bytes() for p in micro.iterdir() if p.is_file()} == before
 
 
@@ -478,9 +501,15 @@ def test_the_reported_spread_is_the_sample_std_of_the_seeds():
     4.80 / 4.84 the sample std is 0.04 / sqrt(2) = 0.028 (ddof=0 would print 0.02);
     non-finite values are left out, and one value prints alone."""
     assert verdicts.fmt([4.80, 4.84]) == "4.82 ± 0.03"
-    assert verdicts.fmt([1.0, 2.0, 3.0, float("nan"), None]) == "2 ± 1"
+    assert verdicts.fmt([1.0, 2.0, 3.0, float("nan"), None]) == "2.0 ± 1"
     assert verdicts.fmt([5.25]) == "5.25" and verdicts.fmt([None]) == "n/a"
     assert verdicts.spread([2.0]) == 0.0
+    # The mean to the decimal place of the spread at least: "4.8 ± 0.006" hid whether
+    # it was 4.75 or 4.84, and "5 ± 0.01" read as an integer; one guard digit at most.
+    assert verdicts.fmt([4.796, 4.804]) == "4.800 ± 0.006"
+    assert verdicts.fmt([4.99, 5.01]) == "5.00 ± 0.01"
+    assert verdicts.fmt([0.45, 0.58]) == "0.515 ± 0.09" and verdicts.fmt([0.3, 0.7]) == "0.50 ± 0.3"
+    assert verdicts.fmt([5.0, 5.0]) == "5 ± 0"
 
 
 def test_an_interrupted_benchmark_says_what_is_kept(tmp_path, monkeypatch, capsys):

@@ -110,14 +110,15 @@ def estimate_line(preset: Preset) -> str:
             f"{e['programs']} XLA compilations at an assumed {preset.compile_s:g} s each")
 
 
-def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> None:
+def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> bool:
+    """The gradient-norm study's missing records; returns whether anything ran."""
     study = preset.gradnorm
     fp = preset.fingerprint(study)
     done = {(r["placement"], r["depth"]) for r in records.read(out_dir, records.GRADNORM, [fp])}
     todo = [(p, d) for p in study.placements for d in study.depths if (p, d) not in done]
     if not todo:
         log("gradient norms at init: all records present, skipped")
-        return
+        return False
     data = load_task_data(preset, study.task, cache_dir)
     # {field: [seeds, batches, batch, ...]}: each seed's own stream of mini-batches.
     batches = data.train_batches(study.seeds, study.batches, study.batch_size)
@@ -134,6 +135,7 @@ def run_gradnorm(preset: Preset, out_dir: Path, cache_dir: Path, log: Log) -> No
             top = np.mean([r["w2"][-1] for r in rows])
             log(f"gradient norms at init {i + 1}/{len(todo)}: {placement:8s} L={depth:<3d} "
                 f"last-layer |dW2| = {top:.3g} (mean of {len(rows)} seeds)")
+    return True
 
 
 def _check_specs(sweep: Sweep) -> list[RunSpec]:
@@ -147,7 +149,8 @@ def _check_specs(sweep: Sweep) -> list[RunSpec]:
             for seed, wu in pairs]
 
 
-def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log: Log) -> None:
+def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log: Log) -> bool:
+    """`sweep`'s missing runs and checks; returns whether anything ran."""
     fp = preset.fingerprint(sweep)
     done_runs = {r["run_id"] for r in records.read(out_dir, records.RUNS, [fp])}
     done_checks = {r["run_id"] for r in read_checks(out_dir, [fp])}
@@ -156,7 +159,7 @@ def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log:
     checks = [s for s in _check_specs(sweep) if s.run_id not in done_checks]
     if not todo and not checks:
         log(f"sweep {sweep.task}: all records present, skipped")
-        return
+        return False
     data = load_task_data(preset, sweep.task, cache_dir, sweep.seq_len)
     train = data.train_batches(sweep.seeds, sweep.steps, sweep.batch_size)
     valid = data.valid_batches(sweep.eval_batches, sweep.batch_size)
@@ -172,6 +175,7 @@ def run_sweep(preset: Preset, sweep: Sweep, out_dir: Path, cache_dir: Path, log:
         # Resumed after the group was recorded: redo it (unrecorded) for the check.
         log(f"check: the vmapped runs of {sweep.task}/{checks[0].placement} again")
         _run_placement(preset, sweep, checks[0].placement, train, valid, log, check=check)
+    return True
 
 
 def _bleu_scorer(preset, sweep, placement, valid, vocab):

@@ -50,11 +50,22 @@ def spread(values) -> float:
 
 
 def fmt(values, digits: int = 3) -> str:
-    """'m ± s' over finite values, s the sample std (`spread`); 'n/a' if none."""
+    """'m ± s' over finite values: s the sample std (`spread`) to one significant digit,
+    m to `digits` significant digits but at least to s's decimal place and at most one
+    digit past it (4.801 ± 0.006, not 4.8 ± 0.006; 0.50 ± 0.3; 2.0 ± 1); one value, or
+    no spread, to `digits` significant digits; 'n/a' if none."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], float)
     if not v.size:
         return "n/a"
-    return f"{v.mean():.{digits}g} ± {spread(v):.1g}" if v.size > 1 else f"{v[0]:.{digits}g}"
+    if v.size == 1:
+        return f"{v[0]:.{digits}g}"
+    s = float(f"{spread(v):.1g}")
+    if s == 0:
+        return f"{v.mean():.{digits}g} ± 0"
+    decimals = max(0, -math.floor(math.log10(s)))
+    m = float(v.mean())
+    significant = digits - 1 - math.floor(math.log10(abs(m))) if m else 0
+    return f"{m:.{min(max(decimals, significant), decimals + 1)}f} ± {s:.{decimals}f}"
 
 
 def failed(run: dict) -> bool:
@@ -102,7 +113,15 @@ def claim1(gn_rows: list[dict]) -> list[Verdict]:
         evidence.append(f"fitted exponent of the mean in L: post-LN {sp:+.2f}, pre-LN {sq:+.2f} "
                         "(theory: 0 and -0.5)")
     status = SUPPORTED if all(r > 1 for r in ratios) and grows else REFUTED
-    return [Verdict(claim, status, evidence), _layer_profile(claim_b, gn_rows, min(depths))]
+    if len(depths) < 2:   # the claim is about growth with depth
+        status = INCONCLUSIVE
+        evidence.append("one depth only: how the ratio changes with depth is not measured")
+    # A 1-layer stack's top and bottom quarter are one layer: the profile needs >= 2.
+    deep = [d for d in depths if d >= 2]
+    profile = (_layer_profile(claim_b, gn_rows, min(deep)) if deep else Verdict(
+        claim_b, INCONCLUSIVE, [f"only {depths[0]}-layer stacks were measured: a stack needs "
+                                "2 or more layers to have a top and a bottom to compare"]))
+    return [Verdict(claim, status, evidence), profile]
 
 
 def profile_ratio(gn_rows, placement, depth, stack_index) -> float | None:
