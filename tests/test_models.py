@@ -9,7 +9,7 @@ import pytest
 from transformer_jax.models import (PRESETS, BertForPreTraining, BertForSentenceEmbedding,
                                     BertForSequenceClassification, BertForTokenClassification,
                                     EncoderDecoder, EncoderDecoderConfig, GPT, build, generate,
-                                    get_config, init_cache)
+                                    get_config, init_cache, init_decode_cache)
 
 TINY = dict(vocab_size=101, num_layers=2, d_model=32, num_heads=4, d_ff=64, max_len=32)
 
@@ -439,10 +439,7 @@ def test_cached_decoding_keeps_the_prompts_padding_mask(scan_layers):
     full = seq2seq.apply(v, memory, ids, tgt_mask=mask, method="decode")
     dec = lambda c, t, m: seq2seq.apply({**v, "cache": c}, memory, t, tgt_mask=m, decode=True,
                                         method="decode", mutable=["cache"])
-    cache = jax.eval_shape(lambda: seq2seq.apply(v, memory, ids, decode=True, method="decode",
-                                                 mutable=["cache"])[1])["cache"]
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
-    logits, state = dec(cache, ids[:, :5], mask[:, :5])
+    logits, state = dec(init_decode_cache(seq2seq, 2, 8, 8), ids[:, :5], mask[:, :5])
     later, _ = dec(state["cache"], ids[:, 5:], None)
     out = np.asarray(jnp.concatenate([logits, later], 1))
     np.testing.assert_allclose(out[0], full[0], atol=1e-5)

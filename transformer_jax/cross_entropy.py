@@ -60,6 +60,10 @@ def _valid_columns(shape, num_classes: int):
     return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) < num_classes
 
 
+def _valid_labels(labels, num_classes: int):
+    return (labels >= 0) & (labels < num_classes)
+
+
 def _masked_f32(logits, num_classes: int):
     x = logits.astype(jnp.float32)
     if num_classes < logits.shape[-1]:
@@ -73,7 +77,7 @@ def _forward(logits, labels, num_classes: int, eps: float):
     lse = top + jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1))
     # A label outside [0, num_classes) (HF's ignore index -100, a typo) has no
     # probability: NaN, where take_along_axis alone would wrap -1 to the last class.
-    valid = (labels >= 0) & (labels < num_classes)
+    valid = _valid_labels(labels, num_classes)
     x_y = jnp.take_along_axis(x, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
     x_y = jnp.where(valid, x_y, jnp.nan)
     nll = lse - x_y
@@ -110,7 +114,7 @@ def _fused_bwd(num_classes, eps, residuals, cotangents):
     grad = g * jnp.exp(x - lse[..., None]) - target
     # An invalid label's NaN loss has a NaN gradient, unless nothing reads that loss
     # (weight 0: HF-style ignored positions).
-    bad = (labels < 0) | (labels >= num_classes)
+    bad = ~_valid_labels(labels, num_classes)
     grad = jnp.where(bad[..., None] & (g != 0), jnp.nan, grad).astype(logits.dtype)
     return grad, None
 
