@@ -7,7 +7,8 @@ import reference
 from transformer_jax.attention import AttentionConfig
 from transformer_jax.blocks import DecoderBlock, EncoderBlock
 from transformer_jax.config import TransformerConfig
-from transformer_jax.normalization import deepnorm_constants
+from transformer_jax.normalization import deepnorm_constants, make_norm
+from transformer_jax.positional import alibi_slopes
 from transformer_jax.stacks import Decoder, Encoder, stack_layers
 
 CFG = TransformerConfig(d_model=16, num_heads=4, d_ff=32, dropout=0.0, attention_dropout=0.0,
@@ -252,3 +253,38 @@ def test_replace_names_an_unknown_field():
         config.replace(n_layers=3)
     with pytest.raises(ValueError, match=r"AttentionConfig.replace: 'kindd' is not a field"):
         config.replace(attention={"kindd": "xla"})
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: make_norm("rms_norm", 1e-5, np.float32, np.float32, "n"),
+     "norm_type='rms_norm' is not valid; choose one of 'layernorm', 'rmsnorm'"),
+    (lambda: make_norm("layernorm", -1.0, np.float32, np.float32, "n"),
+     "eps=-1.0 must be a positive number"),
+    (lambda: deepnorm_constants("encoder", 0), "num_encoder_layers=0 is not valid"),
+    (lambda: deepnorm_constants("bert", 6), "arch='bert' is not valid"),
+    (lambda: alibi_slopes(0), "num_heads=0 must be a positive integer"),
+])
+def test_norm_and_position_helpers_called_directly_check_their_arguments(build, match):
+    """Helpers the config checks for its own calls, called directly: an unknown norm
+    name once fell through to LayerNorm, eps -1 gave NaN, a DeepNorm depth of 0 was a
+    ZeroDivisionError and alibi_slopes(0) a math domain error."""
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize("stack, match", [
+    (lambda cfg: Encoder(cfg, arch="encoder_decoder"), "num_decoder_layers=0 is not valid: DeepNorm"),
+    (lambda cfg: Decoder(cfg, arch="encoder_decoder"), "num_encoder_layers=0 is not valid: DeepNorm"),
+    (lambda cfg: Encoder(cfg, arch="decoder"), "Encoder.arch='decoder' is not valid"),
+    (lambda cfg: Decoder(cfg.replace(norm_placement="post"), arch="bert"),
+     "Decoder.arch='bert' is not valid"),
+])
+def test_stacks_built_directly_check_arch_and_deepnorm_depths(stack, match):
+    """Encoder / Decoder used alone (as a user assembling a model): their defaults for
+    the other stack's depth (0) were a ZeroDivisionError under DeepNorm, and a wrong
+    `arch` was ignored unless the placement was DeepNorm."""
+    cfg = TransformerConfig(d_model=16, num_heads=2, d_ff=32, num_layers=2,
+                            norm_placement="deepnorm")
+    x = np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(stack(cfg).init, jax.random.PRNGKey(0), x)

@@ -18,7 +18,7 @@ from flax import traverse_util
 from transformer_jax import initializers
 from transformer_jax.models import build, get_config
 
-SCHEMES = ("normal", "xavier", "small_init")
+SCHEMES = ("normal", "xavier", "small_init", "gpt2")
 STD = 0.05  # init_std: far from every other scheme's value at these widths
 
 
@@ -39,7 +39,7 @@ def _fans(path, shape):
 
 def _expected(scheme, path, shape, d, gain=1.0):
     table = path[-1] == "embedding" or path[-2] == "lm_head"
-    if scheme == "normal":
+    if scheme in ("normal", "gpt2"):
         return STD if table else gain * STD
     if scheme == "small_init":
         return math.sqrt(2 / (5 * d))
@@ -85,12 +85,29 @@ def _init(config):
     return build(config).init(jax.random.PRNGKey(0), *args)["params"]
 
 
+def _gpt2_gain(family, num_layers):
+    """GPT-2's 1/sqrt(N) (Radford et al. 2019, sec. 2.3) on the matrices that write into
+    the residual stream, N = residual sub-layers of the stack: 2 per layer, 3 in a
+    decoder with cross-attention (HF's GPT2 and nanoGPT: 0.02 / sqrt(2 L))."""
+    def gain(path):
+        in_block = "layers" in path or any(p.startswith("layer_") for p in path)
+        if not (in_block and path[-2] in ("out", "down")):
+            return 1.0
+        sublayers = 3 if family == "encoder_decoder" and path[0] == "decoder" else 2
+        return (sublayers * num_layers) ** -0.5
+    return gain
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("family", ["bert", "gpt", "encoder_decoder"])
 def test_every_parameter_follows_its_scheme(scheme, family):
     config = _configs(scheme)[family]
+    if scheme == "gpt2":   # 2 layers per stack: N counts layers, not only sub-layers
+        config = config.replace(num_layers=2, **(
+            {"num_decoder_layers": 2} if family == "encoder_decoder" else {}))
+    gain = _gpt2_gain(family, 2) if scheme == "gpt2" else (lambda path: 1.0)
     params = _init(config)
-    assert _check_params(params, scheme, config.d_model) >= 8
+    assert _check_params(params, scheme, config.d_model, gain) >= 8
 
 
 @pytest.mark.parametrize("scheme", ["normal", "xavier"])
@@ -121,7 +138,7 @@ def test_deepnorm_keeps_xavier_with_gain_beta(scheme):
 def test_kernel_initializer_matches_formula(scheme, shape):
     d = 96
     value = initializers.kernel_init(scheme, STD, d, gain=0.7)(jax.random.PRNGKey(1), shape)
-    want = {"normal": 0.7 * STD, "small_init": 0.7 * math.sqrt(2 / (5 * d)),
+    want = {"normal": 0.7 * STD, "gpt2": 0.7 * STD, "small_init": 0.7 * math.sqrt(2 / (5 * d)),
             "xavier": 0.7 * math.sqrt(2 / sum(shape))}[scheme]
     _check_std(value, want, f"{scheme} {shape}")
 
@@ -135,3 +152,6 @@ def test_init_is_validated():
     with pytest.raises(ValueError, match="init_std=0"):
         base.replace(init_std=0)
     assert base.init == "normal"
+    # GPT presets are GPT-2's, init included; DeepNorm replaces it inside the blocks.
+    assert get_config("gpt2-small").init == "gpt2"
+    assert get_config("gpt-tiny", norm_placement="deepnorm").init == "gpt2"

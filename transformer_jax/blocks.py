@@ -23,14 +23,21 @@ ACTIVATION_FNS: dict[str, Callable] = {
 }
 
 
-def _inits(config: TransformerConfig, beta: float):
-    """(default init, init of W_v / W_o / feed-forward) under `config.init`. DeepNorm
-    uses Xavier normal with gain beta on the latter (Wang et al. 2022, arXiv
-    2203.00555, Alg. 1), whatever `config.init` says."""
+def _inits(config: TransformerConfig, beta: float, out_gain: float):
+    """{role: init} under `config.init` for the roles "default", "value", "out" (the
+    attention output), "up" and "down" (the feed-forward's). DeepNorm uses Xavier
+    normal with gain beta on W_v, W_o and the feed-forward (Wang et al. 2022, arXiv
+    2203.00555, Alg. 1), whatever `config.init` says; otherwise the two matrices
+    that write into the residual stream (W_o, down) get `out_gain` (GPT-2's
+    1/sqrt(N), `initializers.residual_out_gain`)."""
     deepnorm = config.norm_placement == "deepnorm"
     scheme = "xavier" if deepnorm else config.init
     init = lambda gain: initializers.kernel_init(scheme, config.init_std, config.d_model, gain)
-    return init(1.0), init(beta if deepnorm else 1.0)
+    if deepnorm:
+        gains = {"value": beta, "out": beta, "up": beta, "down": beta}
+    else:
+        gains = {"out": out_gain, "down": out_gain}
+    return {role: init(gains.get(role, 1.0)) for role in ("default", "value", "out", "up", "down")}
 
 
 def cross_attention_config(attention: AttentionConfig) -> AttentionConfig:
@@ -48,15 +55,17 @@ class FeedForward(nn.Module):
     SwiGLU (Shazeer 2020, arXiv 2002.05202): down(silu(gate(x)) * up(x))."""
     config: TransformerConfig
     kernel_init: Callable = nn.initializers.normal(0.02)
+    down_init: Callable | None = None   # of `down`; None = kernel_init
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
 
         def dense(n, name, names):  # names: the kernel's logical axes
+            init = self.down_init if name == "down" and self.down_init else self.kernel_init
             return nn.Dense(n, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
                             param_dtype=cfg.params_dtype, name=name,
-                            kernel_init=logical.param_init(self.kernel_init, names,
+                            kernel_init=logical.param_init(init, names,
                                                            cfg.logical_partitioning),
                             bias_init=logical.param_init(nn.initializers.zeros, names[-1:],
                                                          cfg.logical_partitioning))
@@ -75,6 +84,7 @@ class _ResidualBlock(nn.Module):
     config: TransformerConfig
     alpha: float = 1.0   # DeepNorm residual scale
     beta: float = 1.0    # DeepNorm init gain
+    out_gain: float = 1.0  # init gain of W_o and down (init="gpt2"; set by the stack)
 
     def norm(self, name):
         cfg = self.config
@@ -93,17 +103,20 @@ class _ResidualBlock(nn.Module):
 
     def attention(self, name, attention=None, **kwargs):
         cfg = self.config
-        init, scaled = _inits(cfg, self.beta)
+        inits = _inits(cfg, self.beta, self.out_gain)
         return MultiHeadAttention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             attention=attention or cfg.attention,
             dropout_rate=cfg.attention_dropout, use_bias=cfg.use_bias, rope_base=cfg.rope_base,
-            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, kernel_init=init,
-            value_init=scaled, out_init=scaled, logical_partitioning=cfg.logical_partitioning,
+            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            kernel_init=inits["default"], value_init=inits["value"], out_init=inits["out"],
+            logical_partitioning=cfg.logical_partitioning,
             fused_qkv=cfg.fused_qkv, name=name, **kwargs)
 
     def mlp(self):
-        return FeedForward(self.config, kernel_init=_inits(self.config, self.beta)[1], name="mlp")
+        inits = _inits(self.config, self.beta, self.out_gain)
+        return FeedForward(self.config, kernel_init=inits["up"], down_init=inits["down"],
+                           name="mlp")
 
 
 class EncoderBlock(_ResidualBlock):

@@ -13,12 +13,11 @@ import jax.numpy as jnp
 from transformer_jax.attention import registry
 from transformer_jax.attention.config import AttentionConfig
 from transformer_jax.initializers import INIT_SCHEMES
+from transformer_jax.normalization import NORM_PLACEMENTS, NORM_TYPES
 from transformer_jax.positional import POSITION_KINDS
 from transformer_jax.validation import (boolean, choice, known_fields, plain_scalars, positive_int,
                                         positive_number, probability)
 
-NORM_PLACEMENTS = ("post", "pre", "sandwich", "deepnorm")
-NORM_TYPES = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 EMBED_COMBINE = ("add", "concat")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -59,8 +58,9 @@ class TransformerConfig:
     # Initialisation scheme (`initializers.py`): "normal" = N(0, init_std^2) for
     # every matrix; "xavier" = Glorot & Bengio 2010 per matrix, as Xiong et al.
     # 2020 (arXiv 2002.04745); "small_init" = N(0, 2/(5d)) (Nguyen & Salazar 2019,
-    # arXiv 1910.05895). init_std is read by "normal" only. DeepNorm blocks keep
-    # Xavier with gain beta whatever this says.
+    # arXiv 1910.05895); "gpt2" = normal with the residual output projections scaled
+    # by 1/sqrt(residual sub-layers) (Radford et al. 2019). init_std is read by
+    # "normal" and "gpt2". DeepNorm blocks keep Xavier with gain beta whatever this says.
     init: str = "normal"
     # Output projection shares the token embedding matrix (Press & Wolf 2017).
     tie_embeddings: bool = True
@@ -108,10 +108,12 @@ class TransformerConfig:
         choice("embed_combine", self.embed_combine, EMBED_COMBINE)
         choice("init", self.init, INIT_SCHEMES)
         if self.norm_placement == "deepnorm" and self.init == "small_init":
-            # DeepNet's beta (Wang et al. 2022, arXiv 2203.00555) is derived for Xavier.
+            # DeepNet's beta (Wang et al. 2022, arXiv 2203.00555) is derived for Xavier;
+            # "normal" and "gpt2" differ from it only inside the blocks, which DeepNorm
+            # replaces, small_init in the tables too.
             raise ValueError("init='small_init' does not apply to norm_placement='deepnorm', "
-                             "whose blocks use Xavier with gain beta; choose init 'normal' "
-                             "or 'xavier'")
+                             "whose blocks use Xavier with gain beta; choose init 'normal', "
+                             "'gpt2' or 'xavier'")
         positive_number("init_std", self.init_std)
         positive_number("layer_norm_eps", self.layer_norm_eps)
         positive_number("rope_base", self.rope_base)

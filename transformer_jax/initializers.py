@@ -4,8 +4,17 @@
     normal      N(0, init_std^2)                    N(0, init_std^2)
     xavier      N(0, 2 / (fan_in + fan_out))        N(0, 1 / d_model)
     small_init  N(0, 2 / (5 d_model))               N(0, 2 / (5 d_model))
+    gpt2        N(0, init_std^2), residual outputs  N(0, init_std^2)
+                N(0, init_std^2 / N)
 
-normal: BERT / GPT-2 (Devlin et al. 2018, arXiv 1810.04805; init_std = 0.02).
+normal: BERT (Devlin et al. 2018, arXiv 1810.04805; init_std = 0.02).
+gpt2: GPT-2 (Radford et al. 2019, sec. 2.3: "scale the weights of residual layers
+  at initialization by a factor of 1/sqrt(N) where N is the number of residual
+  layers"): as normal, but the matrices that write into the residual stream (the
+  attention output projection and the feed-forward down projection) get
+  std init_std / sqrt(N), N = the residual sub-layers of their stack (2 per
+  layer, 3 with cross-attention), as HF's GPT2 and nanoGPT (0.02 / sqrt(2 L)).
+  The stacks pass that gain (`residual_out_gain`); a block built alone gets 1.
 xavier: Glorot & Bengio 2010, per matrix, the initialisation Xiong et al. 2020
   (arXiv 2002.04745, and their fairseq code) analyse and train with. A
   fan-based std would be ~sqrt(2 / vocab) for a `[vocab, d]` table, so tables
@@ -56,6 +65,7 @@ SCHEMES: dict[str, tuple[Callable[..., Initializer], Callable[..., Initializer]]
     "xavier": (lambda std, d, gain: xavier_normal(gain), lambda std, d: _normal(d ** -0.5)),
     "small_init": (lambda std, d, gain: _normal(gain * _small_std(d)),
                    lambda std, d: _normal(_small_std(d))),
+    "gpt2": (lambda std, d, gain: _normal(gain * std), lambda std, d: _normal(std)),
 }
 INIT_SCHEMES = tuple(SCHEMES)
 
@@ -64,6 +74,13 @@ def _check(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"init={scheme!r} is not valid; choose one of "
                          f"{', '.join(map(repr, INIT_SCHEMES))}")
+
+
+def residual_out_gain(scheme: str, num_residual: int) -> float:
+    """The gain of the matrices writing into the residual stream of a stack with
+    `num_residual` residual sub-layers: 1 / sqrt(num_residual) under "gpt2", else 1."""
+    _check(scheme)
+    return num_residual ** -0.5 if scheme == "gpt2" else 1.0
 
 
 def kernel_init(scheme: str, init_std: float, d_model: int, gain: float = 1.0) -> Initializer:

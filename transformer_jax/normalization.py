@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from transformer_jax.validation import choice, is_int, positive_number, require
+
+NORM_PLACEMENTS = ("post", "pre", "sandwich", "deepnorm")
+NORM_TYPES = ("layernorm", "rmsnorm")
+DEEPNORM_ARCHS = ("encoder", "decoder", "encoder_decoder")
+
 
 def make_norm(norm_type: str, eps: float, dtype, param_dtype, name: str) -> nn.Module:
     """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467)
@@ -22,6 +28,10 @@ def make_norm(norm_type: str, eps: float, dtype, param_dtype, name: str) -> nn.M
     offset (float32 error ~ offset² · 2⁻²⁴: 4e-3 at offset 20), so imported checkpoints
     match PyTorch's LayerNorm, which is two-pass. The extra pass is one more read of x.
     RMSNorm divides by E[x²] itself, which has no cancellation, so the flag is moot there."""
+    # Checked here too, not only by TransformerConfig: any other name would fall
+    # through to LayerNorm, and eps <= 0 gives NaN on a constant row.
+    choice("norm_type", norm_type, NORM_TYPES)
+    positive_number("eps", eps)
     if norm_type == "rmsnorm":
         return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
@@ -41,13 +51,17 @@ def deepnorm_constants(arch: str, num_encoder_layers: int = 0, num_decoder_layer
       encoder-decoder:          encoder alpha = 0.81 (N^4 M)^(1/16), beta = 0.87 (N^4 M)^(-1/16)
                                 decoder alpha = (3M)^(1/4),          beta = (12M)^(-1/4)
     Returns {"encoder": (alpha, beta), "decoder": (alpha, beta)} for the stacks present."""
+    choice("arch", arch, DEEPNORM_ARCHS)
     n, m = num_encoder_layers, num_decoder_layers
+    # The formulas divide by the depths of the stacks present: 0 is no stack.
+    for name, depth, needed in (("num_encoder_layers", n, arch != "decoder"),
+                                ("num_decoder_layers", m, arch != "encoder")):
+        require(name, not needed or (is_int(depth) and depth > 0), depth,
+                f"DeepNorm's constants for arch={arch!r} need a positive number of layers")
     if arch == "encoder":
         return {"encoder": ((2 * n) ** 0.25, (8 * n) ** -0.25)}
     if arch == "decoder":
         return {"decoder": ((2 * m) ** 0.25, (8 * m) ** -0.25)}
-    if arch == "encoder_decoder":
-        base = (n ** 4 * m) ** (1 / 16)
-        return {"encoder": (0.81 * base, 0.87 / base),
-                "decoder": ((3 * m) ** 0.25, (12 * m) ** -0.25)}
-    raise ValueError(f"arch={arch!r} must be 'encoder', 'decoder' or 'encoder_decoder'")
+    base = (n ** 4 * m) ** (1 / 16)
+    return {"encoder": (0.81 * base, 0.87 / base),
+            "decoder": ((3 * m) ** 0.25, (12 * m) ** -0.25)}

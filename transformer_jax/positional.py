@@ -8,6 +8,8 @@ import math
 
 import jax.numpy as jnp
 
+from transformer_jax.validation import positive_int
+
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
@@ -48,6 +50,8 @@ def alibi_slopes(num_heads: int) -> jnp.ndarray:
     sec. 3): the geometric sequence 2^(-8/n), 2^(-16/n), ...; for n not a power of
     two, the slopes of the closest smaller power of two followed by every other
     slope of the next one."""
+    positive_int("num_heads", num_heads)
+
     def power_of_two(n):
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]

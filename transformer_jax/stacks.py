@@ -18,8 +18,10 @@ import jax.numpy as jnp
 
 from transformer_jax.blocks import DecoderBlock, EncoderBlock
 from transformer_jax.config import TransformerConfig
+from transformer_jax.initializers import residual_out_gain
 from transformer_jax.normalization import deepnorm_constants, has_final_norm, make_norm
 from transformer_jax.scan_names import SCAN_BLOCK, SCAN_NAME
+from transformer_jax.validation import choice
 
 
 class _EncoderLayer(EncoderBlock):
@@ -129,11 +131,13 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None, *, deterministic=True, sow_weights=False, **kernel_kwargs):
         cfg = self.config
+        choice("Encoder.arch", self.arch, ("encoder", "encoder_decoder"))
         alpha, beta = 1.0, 1.0
         if cfg.norm_placement == "deepnorm":
             alpha, beta = deepnorm_constants(self.arch, cfg.num_layers, self.num_decoder_layers)["encoder"]
+        out_gain = residual_out_gain(cfg.init, 2 * cfg.num_layers)
         x = _run_layers(_EncoderLayer, cfg, x, (mask, kernel_kwargs), alpha=alpha, beta=beta,
-                        deterministic=deterministic, sow_weights=sow_weights)
+                        out_gain=out_gain, deterministic=deterministic, sow_weights=sow_weights)
         return _final_norm(cfg, x)
 
 
@@ -148,10 +152,15 @@ class Decoder(nn.Module):
     def __call__(self, x, memory=None, *, mask=None, memory_mask=None, deterministic=True,
                  decode=False, sow_weights=False, **kernel_kwargs):
         cfg = self.config
+        choice("Decoder.arch", self.arch, ("decoder", "encoder_decoder"))
         alpha, beta = 1.0, 1.0
         if cfg.norm_placement == "deepnorm":
             alpha, beta = deepnorm_constants(self.arch, self.num_encoder_layers, cfg.num_layers)["decoder"]
+        # Residual sub-layers: self-attention, feed-forward and cross-attention if any.
+        sublayers = 3 if self.cross_attention else 2
+        out_gain = residual_out_gain(cfg.init, sublayers * cfg.num_layers)
         x = _run_layers(_DecoderLayer, cfg, x, (memory, mask, memory_mask, kernel_kwargs),
-                        alpha=alpha, beta=beta, cross_attention=self.cross_attention,
-                        deterministic=deterministic, decode=decode, sow_weights=sow_weights)
+                        alpha=alpha, beta=beta, out_gain=out_gain,
+                        cross_attention=self.cross_attention, deterministic=deterministic,
+                        decode=decode, sow_weights=sow_weights)
         return _final_norm(cfg, x)

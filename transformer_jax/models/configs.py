@@ -41,12 +41,14 @@ class BertConfig(TransformerConfig):
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig(TransformerConfig):
-    """GPT-2 (Radford et al. 2019): pre-LN causal decoder, tanh GELU, eps 1e-5."""
+    """GPT-2 (Radford et al. 2019): pre-LN causal decoder, tanh GELU, eps 1e-5, and
+    its initialisation (residual output projections scaled by 1/sqrt(2 L))."""
     vocab_size: int = 50257
     max_len: int = 1024
     activation: str = "gelu_tanh"
     norm_placement: str = "pre"
     layer_norm_eps: float = 1e-5
+    init: str = "gpt2"
     # Tokens per chunk of the output projection + loss when GPT is given targets:
     # 0 = all logits at once; e.g. 4096 = never more than 4096 x vocab logits
     # alive (`cross_entropy.chunked_token_stats`). Same loss either way.
